@@ -1,0 +1,40 @@
+# Everything runs in .venv, created on first use with uv (installed with pip if missing).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+STAMP := $(VENV)/.installed
+# A throwaway AIRFLOW_HOME so the suite and the demo never touch ~/airflow.
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
+export AIRFLOW__CORE__UNIT_TEST_MODE ?= True
+
+.PHONY: venv test test-fast lint demo emulator benchmark clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(PY) -e ".[test]"
+	@touch $(STAMP)
+
+## test: run the whole suite against the local emulator (creates .venv if needed)
+test: venv
+	$(PY) -m pytest tests
+
+lint: venv
+	$(PY) -m ruff check airflow_provider_kluster tests example_dags benchmarks
+
+## demo: run the example DAG end to end against the emulator (or the real kluster.ai with KLUSTER_API_KEY set)
+demo: venv
+	$(PY) -m airflow_provider_kluster.demo
+
+emulator: venv
+	$(PY) -m airflow_provider_kluster.emulator --port 8000
+
+benchmark: venv
+	$(PY) benchmarks/download_rss.py
+
+clean:
+	rm -rf $(VENV) .airflow .pytest_cache

@@ -1,0 +1,124 @@
+"""Command line entry point: ``python -m airflow_provider_kluster.emulator`` / ``kluster-emulator``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from airflow_provider_kluster.emulator.faults import parse_fault_spec
+from airflow_provider_kluster.emulator.state import EmulatorConfig, KlusterEmulator
+
+FAULT_HELP = """\
+Inject an HTTP fault (repeatable). Syntax: "<METHOD> <PATH>[:key=value]...", e.g.
+  "POST /v1/batches:rate=0.5:status=503"
+  "GET /v1/batches/{id}:times=3:status=429:retry_after=1"
+  "GET /v1/files/{id}/content:times=1:drop"
+  "* *:latency=0.2"
+keys: status, times, rate (0..1, seeded), retry_after, latency (s), message,
+drop (close the connection without a response), malformed (invalid JSON body)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="kluster-emulator",
+        description="Local kluster.ai-compatible Files/Batches API emulator.",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("KLUSTER_EMULATOR_API_KEY", "test-key"),
+        help="accepted bearer key (default: $KLUSTER_EMULATOR_API_KEY or 'test-key')",
+    )
+    parser.add_argument("--data-dir", default=None, help="where files are stored (default: a temp dir)")
+    parser.add_argument("--requests-per-second", type=float, default=50.0, help="batch processing rate")
+    parser.add_argument(
+        "--speedup", type=float, default=1.0, help="divide completion windows by this (86400: 24h = 1 s)"
+    )
+    parser.add_argument("--cancel-delay", type=float, default=2.0, help="seconds in 'cancelling'")
+    parser.add_argument(
+        "--pre-schedule-delay", type=float, default=0.5, help="seconds in 'pre_schedule' before validating"
+    )
+    parser.add_argument("--finalize-delay", type=float, default=0.2, help="seconds in 'finalizing'")
+    parser.add_argument(
+        "--timestamps",
+        choices=("kluster", "int"),
+        default="kluster",
+        help="kluster: numeric strings, unset keys omitted; int: OpenAI-style integers",
+    )
+    parser.add_argument("--upstream-url", default=None, help="forward batch requests to this OpenAI-style API")
+    parser.add_argument("--upstream-api-key", default=os.environ.get("KLUSTER_EMULATOR_UPSTREAM_API_KEY"))
+    parser.add_argument("--seed", type=int, default=0, help="seed for faults and output shuffling")
+    parser.add_argument("--model", action="append", dest="models", help="served model id (repeatable)")
+    parser.add_argument("--max-file-bytes", type=int, default=100 * 1024 * 1024, help="upload size limit")
+    parser.add_argument("--fault", action="append", default=[], help=FAULT_HELP)
+    parser.add_argument("--fail-share", type=float, default=0.0, help="share of batch requests that fail")
+    parser.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive seconds")
+    parser.add_argument("--log-level", default="warning", help="uvicorn/emulator log level")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the emulator in the foreground until interrupted.
+
+    :param argv: arguments (default: ``sys.argv[1:]``).
+    :return: process exit code.
+    """
+    import uvicorn
+
+    from airflow_provider_kluster.emulator.server import make_uvicorn_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        faults = [parse_fault_spec(spec) for spec in args.fault]
+        overrides = {"models": args.models} if args.models else {}
+        config = EmulatorConfig(
+            api_key=args.api_key,
+            data_dir=args.data_dir,
+            requests_per_second=args.requests_per_second,
+            speedup=args.speedup,
+            cancel_delay=args.cancel_delay,
+            pre_schedule_delay=args.pre_schedule_delay,
+            finalize_delay=args.finalize_delay,
+            timestamps=args.timestamps,
+            upstream_url=args.upstream_url,
+            upstream_api_key=args.upstream_api_key,
+            seed=args.seed,
+            max_file_bytes=args.max_file_bytes,
+            **overrides,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    emulator = KlusterEmulator(config)
+    for fault in faults:
+        emulator.faults.add(**fault)
+    emulator.faults.fail_share = args.fail_share
+    uv_config = make_uvicorn_config(
+        emulator,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+    )
+    print(
+        "kluster emulator on http://%s:%d/v1 (api key from --api-key / KLUSTER_EMULATOR_API_KEY), data in %s"
+        % (args.host, args.port, emulator.data_dir),
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        uvicorn.Server(uv_config).run()
+    finally:
+        emulator.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

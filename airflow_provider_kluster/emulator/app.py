@@ -1,0 +1,489 @@
+"""HTTP layer of the kluster.ai emulator: FastAPI routes plus an ASGI wrapper for counters, faults and auth.
+
+Error envelopes follow the two styles seen from the real service:
+
+* ``{"error": {"message": ..., "errorCode": 4000, "type": "invalid_request_error"}}`` for auth and
+  validation errors (:func:`kluster_error`);
+* ``{"message": ..., "errorCode": -1}`` for 404s, 500s and injected 5xx (:func:`plain_error`).
+
+Admin endpoints under ``/_emulator`` need no authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Match
+
+from airflow_provider_kluster.emulator.completions import CHAT_COMPLETIONS_URL, build_completion, validate_chat_body
+from airflow_provider_kluster.emulator.faults import FaultRule, normalize_route
+from airflow_provider_kluster.emulator.state import ALLOWED_WINDOWS, ALL_STATUSES
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from airflow_provider_kluster.emulator.state import KlusterEmulator
+
+log = logging.getLogger(__name__)
+
+#: Transports of live connections, keyed by ``(server address, client address)``; filled by
+#: :class:`airflow_provider_kluster.emulator.server.EmulatorH11Protocol` so a fault can drop a connection.
+CONNECTION_TRANSPORTS: dict[tuple[Any, Any], asyncio.Transport] = {}
+
+_COPY_CHUNK = 1024 * 1024
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+def kluster_error(
+    status: int,
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    code: int = 4000,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """A ``{"error": {"message", "errorCode", "type"}}`` response."""
+    body = {"error": {"message": message, "errorCode": code, "type": error_type}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def plain_error(status: int, message: str, *, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A ``{"message", "errorCode": -1}`` response."""
+    return JSONResponse({"message": message, "errorCode": -1}, status_code=status, headers=headers)
+
+
+def _bad_request(message: str) -> JSONResponse:
+    return kluster_error(400, message)
+
+
+class EmulatorMiddleware:
+    """Outer ASGI layer: counts requests per route, injects faults, then checks the bearer key."""
+
+    def __init__(self, app: FastAPI, emulator: KlusterEmulator) -> None:
+        self.app = app
+        self.emulator = emulator
+
+    def _route_key(self, scope: Scope) -> str:
+        method = scope["method"].upper()
+        partial = None
+        for route in self.app.router.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return normalize_route("%s %s" % (method, getattr(route, "path", scope["path"])))
+            if match == Match.PARTIAL and partial is None:
+                partial = getattr(route, "path", None)
+        return normalize_route("%s %s" % (method, partial or scope["path"]))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        key = self._route_key(scope)
+        self.emulator.count(key)
+        rule = self.emulator.faults.pick(scope["method"], key, scope["path"])
+        if rule is not None:
+            log.info("injecting fault %s on %s", rule.id, key)
+            if rule.latency:
+                await asyncio.sleep(rule.latency)
+            if rule.drop_connection:
+                await self._drop(scope, send)
+                return
+            response = self._fault_response(rule)
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        if not self._authorised(scope):
+            await kluster_error(401, "Invalid API key")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        expected = "Bearer %s" % self.emulator.config.api_key
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value.decode("latin-1").strip().encode(), expected.encode())
+        return False
+
+    @staticmethod
+    def _fault_response(rule: FaultRule) -> Response | None:
+        headers = {}
+        if rule.retry_after is not None:
+            value = rule.retry_after
+            headers["Retry-After"] = str(int(value)) if float(value).is_integer() else str(value)
+        if rule.malformed_body:
+            return Response(
+                b'{"id": "67533f6d1d7be1b5a7507be5", "object": "batch", "status": ',
+                status_code=rule.status or 200,
+                media_type="application/json",
+                headers=headers,
+            )
+        if rule.status is None:
+            return None
+        try:
+            phrase = HTTPStatus(rule.status).phrase
+        except ValueError:
+            phrase = "Error"
+        message = rule.message or "%s (injected by the kluster emulator)" % phrase
+        if rule.status == 429:
+            return kluster_error(429, message, error_type="rate_limit_error", code=4290, headers=headers)
+        if rule.status < 500:
+            return kluster_error(rule.status, message, headers=headers)
+        return plain_error(rule.status, message, headers=headers)
+
+    @staticmethod
+    async def _drop(scope: Scope, send: Send) -> None:
+        """Close the connection without any response."""
+        transport = CONNECTION_TRANSPORTS.get(
+            (tuple(scope.get("server") or ()), tuple(scope.get("client") or ())),
+        )
+        if transport is not None:
+            transport.abort()
+            # let the server notice the disconnection so it does not try to answer
+            await asyncio.sleep(0.01)
+            return
+        # Fallback for other servers: promise a body, send part of it, and abort.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+            },
+        )
+        await send({"type": "http.response.body", "body": b"{", "more_body": True})
+        raise ConnectionAbortedError("connection dropped by the kluster emulator")
+
+
+def create_app(emulator: KlusterEmulator) -> ASGIApp:
+    """Build the ASGI app serving ``emulator``."""
+    api = FastAPI(title="kluster.ai emulator", docs_url="/_emulator/docs", openapi_url="/_emulator/openapi.json")
+    _add_error_handlers(api)
+    _add_file_routes(api, emulator)
+    _add_batch_routes(api, emulator)
+    _add_model_routes(api, emulator)
+    _add_admin_routes(api, emulator)
+    return EmulatorMiddleware(api, emulator)
+
+
+def _add_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return plain_error(404, "Not found: %s %s" % (request.method, request.url.path))
+        if exc.status_code == 405:
+            return plain_error(405, "Method not allowed")
+        return plain_error(exc.status_code, str(exc.detail))
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _bad_request("Invalid request: %s" % exc.errors()[:3])
+
+    @api.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> Response:  # pragma: no cover - safety net
+        log.exception("emulator route crashed")
+        return plain_error(500, "Internal server error")
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError("%s must be an integer" % name) from None
+    if not low <= value <= high:
+        raise ValueError("%s must be between %d and %d" % (name, low, high))
+    return value
+
+
+def _page(items: list[Any], after: str | None, limit: int, key: Any) -> tuple[list[Any], bool]:
+    if after:
+        ids = [key(i) for i in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return items[:limit], len(items) > limit
+
+
+def _add_file_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
+    @api.post("/v1/files")
+    async def upload_file(request: Request) -> Response:
+        limit = emulator.config.max_file_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
+            return _bad_request("File too large: the limit is %d bytes." % limit)
+        try:
+            form = await request.form(max_files=2, max_fields=20)
+        except Exception as exc:
+            return _bad_request("Could not parse the multipart body: %s" % exc)
+        try:
+            upload = form.get("file")
+            purpose = form.get("purpose")
+            if not isinstance(upload, UploadFile):
+                return _bad_request("A multipart 'file' field is required.")
+            if not isinstance(purpose, str) or not purpose:
+                return _bad_request("'purpose' is required.")
+            if purpose != "batch":
+                return _bad_request("Invalid purpose %r: only 'batch' is supported." % purpose)
+            file_id, dest, server_name = emulator.new_upload_target(upload.filename)
+            size = 0
+            try:
+                with open(dest, "wb") as fh:
+                    while True:
+                        chunk = await upload.read(_COPY_CHUNK)
+                        if not chunk:
+                            break
+                        size += len(chunk)
+                        if size > limit:
+                            raise OverflowError
+                        fh.write(chunk)
+            except OverflowError:
+                emulator.discard_upload(dest)
+                return _bad_request("File too large: the limit is %d bytes." % limit)
+            rec = emulator.register_file(file_id, dest, filename=server_name, purpose=purpose)
+            emulator.count("files_uploaded")
+            return JSONResponse(emulator.file_json(rec))
+        finally:
+            await form.close()
+
+    @api.get("/v1/files")
+    async def list_files(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 10000, 1, 10000)
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            return _bad_request("order must be 'asc' or 'desc'")
+        files = emulator.list_files()
+        purpose = request.query_params.get("purpose")
+        if purpose:
+            files = [f for f in files if f.purpose == purpose]
+        if order == "desc":
+            files.reverse()
+        data, has_more = _page(files, request.query_params.get("after"), limit, lambda f: f.id)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [emulator.file_json(f) for f in data],
+                "first_id": data[0].id if data else None,
+                "last_id": data[-1].id if data else None,
+                "has_more": has_more,
+            },
+        )
+
+    @api.get("/v1/files/{file_id}")
+    async def get_file(file_id: str) -> Response:
+        rec = emulator.get_file(file_id)
+        if rec is None:
+            return plain_error(404, "File %s not found" % file_id)
+        return JSONResponse(emulator.file_json(rec))
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str) -> Response:
+        if not emulator.delete_file(file_id):
+            return plain_error(404, "File %s not found" % file_id)
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+    @api.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str) -> Response:
+        rec = emulator.get_file(file_id)
+        if rec is None or not rec.path.exists():
+            return plain_error(404, "File %s not found" % file_id)
+        # FileResponse streams from disk in chunks and honours Range / If-Range (206, 416).
+        return FileResponse(rec.path, media_type="application/octet-stream", content_disposition_type="attachment")
+
+
+async def _json_body(request: Request) -> tuple[Any, Response | None]:
+    raw = await request.body()
+    if not raw.strip():
+        return None, None
+    try:
+        return json.loads(raw), None
+    except ValueError:
+        return None, _bad_request("The request body is not valid JSON.")
+
+
+def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
+    @api.post("/v1/batches")
+    async def create_batch(request: Request) -> Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict):
+            return _bad_request("The request body must be a JSON object.")
+        input_file_id = body.get("input_file_id")
+        endpoint = body.get("endpoint")
+        window = body.get("completion_window")
+        metadata = body.get("metadata")
+        if not isinstance(input_file_id, str) or not input_file_id:
+            return _bad_request("input_file_id is required.")
+        if endpoint != CHAT_COMPLETIONS_URL:
+            return _bad_request("Invalid endpoint %r: only %s is supported." % (endpoint, CHAT_COMPLETIONS_URL))
+        if window not in ALLOWED_WINDOWS:
+            return _bad_request("Invalid completion_window %r: use 24h, 48h or 72h." % (window,))
+        if metadata is not None and not isinstance(metadata, dict):
+            return _bad_request("metadata must be an object or null.")
+        if metadata is not None and len(metadata) > 16:
+            return _bad_request("metadata may have at most 16 keys.")
+        if emulator.get_file(input_file_id) is None:
+            return plain_error(404, "Input file %s not found" % input_file_id)
+        batch = emulator.create_batch(input_file_id, endpoint, window, metadata)
+        return JSONResponse(emulator.batch_json(batch))
+
+    @api.get("/v1/batches")
+    async def list_batches(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 20, 1, 100)
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        batches = emulator.list_batches()
+        status = request.query_params.get("status")
+        if status:
+            if status.lower() not in ALL_STATUSES:
+                return _bad_request("Invalid status %r." % status)
+            batches = [b for b in batches if b.status == status.lower()]
+        data, has_more = _page(batches, request.query_params.get("after"), limit, lambda b: b.id)
+        payload: dict[str, Any] = {
+            "object": "list",
+            "data": [emulator.batch_json(b) for b in data],
+            "first_id": data[0].id if data else None,
+            "last_id": data[-1].id if data else None,
+            "has_more": has_more,
+        }
+        if emulator.config.timestamps == "kluster":
+            payload.update(count=len(data), page=1, page_count=-1, items_per_page=9223372036854775807)
+        return JSONResponse(payload)
+
+    @api.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str) -> Response:
+        batch = emulator.get_batch(batch_id)
+        if batch is None:
+            return plain_error(404, "Batch %s not found" % batch_id)
+        return JSONResponse(emulator.batch_json(batch))
+
+    @api.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, request: Request) -> Response:
+        raw = await request.body()
+        content_type = request.headers.get("content-type", "")
+        if emulator.config.empty_json_body_500 and "application/json" in content_type and not raw:
+            # Quirk of the real service: JSON content type with an empty body → HTTP 500.
+            return plain_error(500, "Unexpected end of JSON input")
+        try:
+            batch = emulator.cancel_batch(batch_id)
+        except KeyError:
+            return plain_error(404, "Batch %s not found" % batch_id)
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        return JSONResponse(emulator.batch_json(batch))
+
+    @api.delete("/v1/batches/{batch_id}/delete")
+    async def delete_batch(batch_id: str, request: Request) -> Response:
+        delete_files = request.query_params.get("deleteFiles", "false").lower() in ("1", "true", "yes")
+        if not emulator.delete_batch(batch_id, delete_files=delete_files):
+            return plain_error(404, "Batch %s not found" % batch_id)
+        return JSONResponse({"success": True})
+
+
+def _add_model_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
+    def model_json(model_id: str) -> dict[str, Any]:
+        from airflow_provider_kluster.emulator.completions import DEFAULT_MODELS
+
+        known = {m["id"]: m for m in DEFAULT_MODELS}.get(model_id, {})
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": known.get("created", 1730000000),
+            "owned_by": known.get("owned_by", model_id.split("/", 1)[0].lower()),
+        }
+
+    @api.get("/v1/models")
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [model_json(m) for m in emulator.models]})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        if model_id not in emulator.models:
+            return plain_error(404, "Model %s not found" % model_id)
+        return JSONResponse(model_json(model_id))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        problem = validate_chat_body(body)
+        if problem is not None:
+            return _bad_request("%s (%s)" % (problem[1], problem[0]))
+        if body.get("stream"):
+            return _bad_request("Streaming is not supported by the emulator.")
+        if body["model"] not in emulator.models:
+            return plain_error(404, "The model `%s` does not exist." % body["model"])
+        return JSONResponse(build_completion(body, created=int(time.time())))
+
+
+def _add_admin_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
+    @api.get("/_emulator/faults")
+    async def get_faults() -> Response:
+        return JSONResponse(emulator.faults.to_dict())
+
+    @api.put("/_emulator/faults")
+    async def put_faults(request: Request) -> Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        try:
+            if isinstance(body, list):
+                for item in body:
+                    emulator.faults.configure(item)
+            elif isinstance(body, dict):
+                emulator.faults.configure(body, replace=request.query_params.get("replace", "true") != "false")
+            else:
+                return _bad_request("Send a rule object, a list of rules or {rules, stuck, fail_share, cancel_delay}.")
+        except (TypeError, ValueError) as exc:
+            return _bad_request(str(exc))
+        return JSONResponse(emulator.faults.to_dict())
+
+    @api.delete("/_emulator/faults")
+    async def delete_faults() -> Response:
+        emulator.faults.clear()
+        return JSONResponse(emulator.faults.to_dict())
+
+    @api.get("/_emulator/counters")
+    async def get_counters() -> Response:
+        return JSONResponse(emulator.counters)
+
+    @api.post("/_emulator/reset")
+    async def reset() -> Response:
+        emulator.reset()
+        return JSONResponse({"reset": True})
+
+    @api.get("/_emulator/batches/{batch_id}")
+    async def raw_batch(batch_id: str) -> Response:
+        try:
+            return JSONResponse(emulator.get_batch_raw(batch_id))
+        except KeyError:
+            return plain_error(404, "Batch %s not found" % batch_id)
+
+    @api.post("/_emulator/batches/{batch_id}/status")
+    async def force_status(batch_id: str, request: Request) -> Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+            return _bad_request('Send {"status": "<status>"}.')
+        try:
+            return JSONResponse(emulator.set_batch_status(batch_id, body["status"]))
+        except KeyError:
+            return plain_error(404, "Batch %s not found" % batch_id)
+        except ValueError as exc:
+            return _bad_request(str(exc))

@@ -1,0 +1,814 @@
+"""State store and batch lifecycle of the kluster.ai emulator.
+
+Files live on disk under ``data_dir``; only their metadata is kept in memory. Batches advance in
+background :mod:`asyncio` tasks running in the server's event loop
+(``pre_schedule`` → ``validating`` → ``in_progress`` → ``finalizing`` → ``completed``), so request handling
+is never blocked. The Python API (:meth:`KlusterEmulator.add_file`, :meth:`KlusterEmulator.set_batch_status`,
+:meth:`KlusterEmulator.reset`, ...) is thread-safe and may be called from a test thread while the server
+runs in another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from airflow_provider_kluster.emulator.completions import (
+    build_completion,
+    default_model_ids,
+    validate_input_file,
+)
+from airflow_provider_kluster.emulator.faults import FaultInjector
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+ACTIVE_STATUSES = frozenset({"pre_schedule", "validating", "in_progress", "finalizing", "cancelling"})
+ALL_STATUSES = TERMINAL_STATUSES | ACTIVE_STATUSES
+#: Statuses during which the completion window is enforced.
+EXPIRABLE_STATUSES = frozenset({"pre_schedule", "validating", "in_progress"})
+
+_WINDOW_RE = re.compile(r"^(\d+)h$")
+#: Accepted completion windows: 24h/48h/72h today, 1h–12h earlier, ``asap`` in the spec (treated as 24h).
+ALLOWED_WINDOWS = frozenset({"24h", "48h", "72h", "asap"} | {"%dh" % h for h in range(1, 13)})
+
+_TIMESTAMP_FIELDS = (
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+_POLL = 0.02
+_CHUNK_MAX = 256
+
+
+def new_object_id() -> str:
+    """A 24-hex ObjectId-like id, as kluster returns."""
+    return secrets.token_hex(12)
+
+
+def window_seconds(window: str) -> float:
+    """Seconds in a completion window string (``"24h"``; ``"asap"`` counts as 24 hours)."""
+    match = _WINDOW_RE.match(window)
+    return int(match.group(1)) * 3600.0 if match else 24 * 3600.0
+
+
+@dataclass
+class EmulatorConfig:
+    """Settings of a :class:`KlusterEmulator`.
+
+    :param api_key: the only accepted bearer token.
+    :param data_dir: where files are stored (default: a fresh temporary directory, removed on close).
+    :param requests_per_second: rate at which requests inside batches are processed.
+    :param speedup: factor dividing completion windows (``speedup=86400`` makes 24h last one second).
+    :param cancel_delay: seconds a batch stays ``cancelling`` before ``cancelled``.
+    :param pre_schedule_delay: seconds in ``pre_schedule`` (and, briefly, ``validating``).
+    :param finalize_delay: seconds in ``finalizing``.
+    :param timestamps: ``"kluster"`` (numeric strings, unset keys omitted) or ``"int"`` (OpenAI style).
+    :param upstream_url: if set, forward each batch request to ``<upstream_url>/chat/completions``.
+    :param upstream_api_key: bearer key for the upstream.
+    :param seed: seed for fault injection and output shuffling.
+    :param models: model ids served by ``/v1/models`` and accepted in requests.
+    :param max_file_bytes: largest accepted upload.
+    :param empty_json_body_500: reproduce the cancel quirk (JSON content type + empty body → HTTP 500).
+    """
+
+    api_key: str = "test-key"
+    data_dir: str | os.PathLike[str] | None = None
+    requests_per_second: float = 50.0
+    speedup: float = 1.0
+    cancel_delay: float = 2.0
+    pre_schedule_delay: float = 0.5
+    finalize_delay: float = 0.2
+    timestamps: str = "kluster"
+    upstream_url: str | None = None
+    upstream_api_key: str | None = None
+    seed: int = 0
+    models: list[str] = field(default_factory=default_model_ids)
+    max_file_bytes: int = 100 * 1024 * 1024
+    empty_json_body_500: bool = True
+
+    def __post_init__(self) -> None:
+        if self.timestamps not in ("kluster", "int"):
+            raise ValueError("timestamps must be 'kluster' or 'int'")
+        if self.requests_per_second <= 0:
+            raise ValueError("requests_per_second must be positive")
+        if self.speedup <= 0:
+            raise ValueError("speedup must be positive")
+
+
+@dataclass
+class FileRecord:
+    """Metadata of a stored file (content lives at :attr:`path`)."""
+
+    id: str
+    bytes: int
+    created_at: float
+    filename: str
+    purpose: str
+    path: Path
+    owned: bool = True
+
+
+@dataclass
+class BatchRecord:
+    """Mutable state of a batch."""
+
+    id: str
+    seq: int
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Any] | None
+    created_at: float
+    expires_at: float
+    status: str = "pre_schedule"
+    errors: Any = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    timestamps: dict[str, float] = field(default_factory=dict)
+    out_path: Path | None = None
+    err_path: Path | None = None
+    out_fh: IO[bytes] | None = None
+    err_fh: IO[bytes] | None = None
+
+
+class KlusterEmulator:
+    """In-memory/on-disk state of an emulated kluster.ai account, plus its ASGI app (:attr:`app`).
+
+    :param config: settings; keyword ``overrides`` replace individual fields.
+    """
+
+    def __init__(self, config: EmulatorConfig | None = None, **overrides: Any) -> None:
+        config = config or EmulatorConfig()
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self._initial_config = dataclasses.replace(config)
+        if config.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="kluster-emulator-"))
+            self._owns_data_dir = True
+        else:
+            self.data_dir = Path(config.data_dir)
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._owns_data_dir = False
+        self.faults = FaultInjector(seed=config.seed)
+        self._lock = threading.RLock()
+        self._files: dict[str, FileRecord] = {}
+        self._batches: dict[str, BatchRecord] = {}
+        self._counters: Counter[str] = Counter()
+        self._seq = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._app: ASGIApp | None = None
+
+    # ------------------------------------------------------------------ app / housekeeping
+    @property
+    def app(self) -> ASGIApp:
+        """The ASGI application serving this emulator (built on first access)."""
+        if self._app is None:
+            from airflow_provider_kluster.emulator.app import create_app
+
+            self._app = create_app(self)
+        return self._app
+
+    @property
+    def models(self) -> list[str]:
+        """Known model ids."""
+        return list(self.config.models)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Request counts per route (``"GET /v1/batches/{id}"``) plus ``batches_created``,
+        ``files_uploaded`` and ``cancels``."""
+        with self._lock:
+            return dict(self._counters)
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Increment a counter."""
+        with self._lock:
+            self._counters[key] += n
+
+    def reset(self) -> None:
+        """Forget every file, batch, fault and counter (running batch tasks are cancelled).
+
+        Configuration fields changed since construction (``emulator.config.speedup = ...``) are restored.
+        """
+        with self._lock:
+            self.config = dataclasses.replace(self._initial_config)
+            tasks = list(self._tasks)
+            self._tasks.clear()
+            for batch in self._batches.values():
+                self._close_handles(batch)
+            files = list(self._files.values())
+            self._files.clear()
+            self._batches.clear()
+            self._counters.clear()
+            self.faults.clear()
+        self._cancel_tasks(tasks)
+        for rec in files:
+            if not rec.owned:
+                continue
+            try:
+                rec.path.unlink(missing_ok=True)
+            except OSError:  # pragma: no cover - best effort
+                log.debug("could not remove %s", rec.path)
+        for sub in ("files", "batches"):
+            shutil.rmtree(self.data_dir / sub, ignore_errors=True)
+
+    def close(self) -> None:
+        """Reset and, if the data directory was created by the emulator, remove it."""
+        self.reset()
+        if self._owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _cancel_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
+        loop = self._loop
+        if not tasks or loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for task in tasks:
+            if running is loop:
+                task.cancel()
+            else:
+                try:
+                    loop.call_soon_threadsafe(task.cancel)
+                except RuntimeError:  # loop closed meanwhile
+                    pass
+
+    def _spawn(self, coro: Any) -> None:
+        """Start a background task in the running loop and keep a reference to it."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        task = loop.create_task(coro)
+        with self._lock:
+            self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        with self._lock:
+            self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("emulator background task failed: %r", task.exception())
+
+    # ------------------------------------------------------------------ serialisation
+    def _ts(self, value: float | None) -> str | int | None:
+        if value is None:
+            return None
+        return str(int(value)) if self.config.timestamps == "kluster" else int(value)
+
+    def file_json(self, rec: FileRecord) -> dict[str, Any]:
+        """The file object as served by the API."""
+        return {
+            "id": rec.id,
+            "object": "file",
+            "bytes": rec.bytes,
+            "created_at": self._ts(rec.created_at),
+            "filename": rec.filename,
+            "purpose": rec.purpose,
+        }
+
+    def batch_json(self, batch: BatchRecord) -> dict[str, Any]:
+        """The batch object as served by the API.
+
+        In ``kluster`` timestamp mode, unset timestamps and file ids are omitted (as in real responses);
+        in ``int`` mode every key is present, ``null`` when unset.
+        """
+        kluster = self.config.timestamps == "kluster"
+        with self._lock:
+            data: dict[str, Any] = {
+                "id": batch.id,
+                "object": "batch",
+                "endpoint": batch.endpoint,
+                "errors": batch.errors,
+                "input_file_id": batch.input_file_id,
+                "completion_window": batch.completion_window,
+                "status": batch.status,
+            }
+            for key in ("output_file_id", "error_file_id"):
+                value = getattr(batch, key)
+                if value is not None or not kluster:
+                    data[key] = value
+            stamps = dict(batch.timestamps, created_at=batch.created_at, expires_at=batch.expires_at)
+            for key in _TIMESTAMP_FIELDS:
+                value = stamps.get(key)
+                if value is not None or not kluster:
+                    data[key] = self._ts(value)
+            data["request_counts"] = {
+                "total": batch.total,
+                "completed": batch.completed,
+                "failed": batch.failed,
+            }
+            data["metadata"] = batch.metadata
+            return data
+
+    # ------------------------------------------------------------------ files
+    def _file_dir(self, file_id: str) -> Path:
+        path = self.data_dir / "files" / file_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @staticmethod
+    def _safe_name(filename: str | None) -> str:
+        name = os.path.basename((filename or "").replace("\\", "/")) or "upload.jsonl"
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200]
+
+    def new_upload_target(self, filename: str | None) -> tuple[str, Path, str]:
+        """Allocate an id and a disk path for a new upload.
+
+        :return: ``(file_id, disk path, server-side filename)``.
+        """
+        file_id = new_object_id()
+        name = self._safe_name(filename)
+        return file_id, self._file_dir(file_id) / name, "/data/uploads/%s/%s" % (file_id, name)
+
+    def register_file(
+        self,
+        file_id: str,
+        path: Path,
+        *,
+        filename: str,
+        purpose: str,
+        owned: bool = True,
+    ) -> FileRecord:
+        """Record a file already written to ``path``."""
+        rec = FileRecord(
+            id=file_id,
+            bytes=path.stat().st_size,
+            created_at=time.time(),
+            filename=filename,
+            purpose=purpose,
+            path=path,
+            owned=owned,
+        )
+        with self._lock:
+            self._files[file_id] = rec
+        return rec
+
+    def discard_upload(self, path: Path) -> None:
+        """Remove a partially written upload."""
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+    def add_file(
+        self,
+        source: str | os.PathLike[str] | bytes | Iterable[bytes],
+        *,
+        purpose: str = "batch",
+        filename: str | None = None,
+        copy: bool = True,
+    ) -> str:
+        """Register a file without HTTP (e.g. a large file made by a benchmark).
+
+        :param source: a path, ``bytes``, or an iterable of ``bytes`` chunks.
+        :param purpose: file purpose (``batch``, ``batch_output``, ...).
+        :param filename: the name to report (defaults to the source's base name).
+        :param copy: for a path source, ``False`` serves the file in place instead of copying it
+            (it is then never deleted by the emulator).
+        :return: the new file id.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            src = Path(source)
+            file_id, dest, server_name = self.new_upload_target(filename or src.name)
+            if copy:
+                shutil.copyfile(src, dest)
+            else:
+                shutil.rmtree(dest.parent, ignore_errors=True)
+                dest = src.resolve()
+            self.register_file(file_id, dest, filename=server_name, purpose=purpose, owned=copy)
+            return file_id
+        file_id, dest, server_name = self.new_upload_target(filename or "upload.jsonl")
+        chunks: Iterable[bytes] = [source] if isinstance(source, (bytes, bytearray, memoryview)) else source
+        with open(dest, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+        self.register_file(file_id, dest, filename=server_name, purpose=purpose)
+        return file_id
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        """File metadata, or ``None``."""
+        with self._lock:
+            return self._files.get(file_id)
+
+    def list_files(self) -> list[FileRecord]:
+        """Every file, oldest first."""
+        with self._lock:
+            return list(self._files.values())
+
+    def delete_file(self, file_id: str) -> bool:
+        """Delete a file (and its content if owned); return whether it existed."""
+        with self._lock:
+            rec = self._files.pop(file_id, None)
+        if rec is None:
+            return False
+        if rec.owned:
+            try:
+                rec.path.unlink(missing_ok=True)
+            except OSError:  # pragma: no cover - best effort
+                log.debug("could not remove %s", rec.path)
+        return True
+
+    # ------------------------------------------------------------------ batches
+    def get_batch(self, batch_id: str) -> BatchRecord | None:
+        """Batch record, or ``None``."""
+        with self._lock:
+            return self._batches.get(batch_id)
+
+    def get_batch_raw(self, batch_id: str) -> dict[str, Any]:
+        """The batch object as the API would serve it.
+
+        :raises KeyError: unknown batch.
+        """
+        batch = self.get_batch(batch_id)
+        if batch is None:
+            raise KeyError(batch_id)
+        return self.batch_json(batch)
+
+    def list_batch_ids(self) -> list[str]:
+        """Ids of every batch, newest first."""
+        return [b.id for b in self.list_batches()]
+
+    def list_batches(self) -> list[BatchRecord]:
+        """Every batch, newest first."""
+        with self._lock:
+            return sorted(self._batches.values(), key=lambda b: b.seq, reverse=True)
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, Any] | None,
+    ) -> BatchRecord:
+        """Create a batch (arguments already validated) and start its lifecycle task.
+
+        Must be called from inside the running event loop.
+        """
+        now = time.time()
+        batch = BatchRecord(
+            id=new_object_id(),
+            seq=next(self._seq),
+            input_file_id=input_file_id,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            metadata=metadata,
+            created_at=now,
+            expires_at=now + window_seconds(completion_window) / self.config.speedup,
+        )
+        with self._lock:
+            self._batches[batch.id] = batch
+            self._counters["batches_created"] += 1
+        self._spawn(self._run_batch(batch))
+        return batch
+
+    def delete_batch(self, batch_id: str, *, delete_files: bool = False) -> bool:
+        """Forget a batch (optionally with its input/output/error files)."""
+        with self._lock:
+            batch = self._batches.pop(batch_id, None)
+            if batch is None:
+                return False
+            self._close_handles(batch)
+        if delete_files:
+            for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
+                if file_id:
+                    self.delete_file(file_id)
+        return True
+
+    def cancel_batch(self, batch_id: str) -> BatchRecord:
+        """Start cancelling a batch (from inside the running loop).
+
+        :raises KeyError: unknown batch.
+        :raises ValueError: the batch is already in a terminal status.
+        """
+        with self._lock:
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                raise KeyError(batch_id)
+            if batch.status in TERMINAL_STATUSES:
+                raise ValueError("Cannot cancel a batch with status '%s'." % batch.status)
+            self._counters["cancels"] += 1
+            if batch.status == "cancelling":
+                return batch
+            batch.status = "cancelling"
+            batch.timestamps["cancelling_at"] = time.time()
+        self._spawn(self._finish_cancel(batch))
+        return batch
+
+    def set_batch_status(self, batch_id: str, status: str) -> dict[str, Any]:
+        """Force a batch into ``status`` (terminal statuses finalise output files and stop processing).
+
+        :raises KeyError: unknown batch.
+        :raises ValueError: unknown status.
+        :return: the batch object.
+        """
+        status = status.lower()
+        if status not in ALL_STATUSES:
+            raise ValueError("unknown status %r" % status)
+        with self._lock:
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                raise KeyError(batch_id)
+            if status in TERMINAL_STATUSES:
+                errors = None
+                if status == "failed" and not batch.errors:
+                    errors = _error_list(
+                        [{"code": "forced", "message": "Status forced by the emulator.", "param": None, "line": None}],
+                    )
+                self._finish_locked(batch, status, errors=errors)
+            else:
+                batch.status = status
+                if status != "pre_schedule" and status != "validating":
+                    batch.timestamps.setdefault("%s_at" % status, time.time())
+            return self.batch_json(batch)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _alive(self, batch: BatchRecord) -> bool:
+        with self._lock:
+            return self._batches.get(batch.id) is batch
+
+    def _expire_if_due(self, batch: BatchRecord) -> bool:
+        """Expire the batch if its window passed; return whether it did."""
+        with self._lock:
+            if batch.status in EXPIRABLE_STATUSES and time.time() >= batch.expires_at:
+                log.info("batch %s expired in status %s", batch.id, batch.status)
+                self._finish_locked(batch, "expired")
+                return True
+        return False
+
+    async def _stay(self, batch: BatchRecord, status: str, seconds: float) -> bool:
+        """Remain in ``status`` for ``seconds`` (longer while stuck).
+
+        :return: ``False`` if the batch left ``status`` meanwhile (cancelled, forced, expired, reset).
+        """
+        deadline = time.monotonic() + max(0.0, seconds)
+        while True:
+            if not self._alive(batch) or batch.status != status:
+                return False
+            if status != "cancelling" and self._expire_if_due(batch):
+                return False
+            now = time.monotonic()
+            if now >= deadline and not self.faults.is_stuck(batch.id, status):
+                return True
+            await asyncio.sleep(min(_POLL, max(deadline - now, 0.001)) if now < deadline else _POLL)
+
+    def _advance(self, batch: BatchRecord, expected: str, new: str) -> bool:
+        with self._lock:
+            if self._batches.get(batch.id) is not batch or batch.status != expected:
+                return False
+            batch.status = new
+            if new in ("in_progress", "finalizing"):
+                batch.timestamps["%s_at" % new] = time.time()
+            return True
+
+    async def _run_batch(self, batch: BatchRecord) -> None:
+        try:
+            cfg = self.config
+            if not await self._stay(batch, "pre_schedule", cfg.pre_schedule_delay):
+                return
+            if not self._advance(batch, "pre_schedule", "validating"):
+                return
+            if not await self._stay(batch, "validating", min(cfg.pre_schedule_delay, 0.1)):
+                return
+            rec = self.get_file(batch.input_file_id)
+            if rec is None:
+                total, errors = 0, [
+                    {
+                        "code": "file_not_found",
+                        "message": "Input file %s no longer exists." % batch.input_file_id,
+                        "param": "input_file_id",
+                        "line": None,
+                    },
+                ]
+            else:
+                total, errors = await asyncio.to_thread(validate_input_file, str(rec.path))
+            with self._lock:
+                if not self._alive(batch) or batch.status != "validating":
+                    return
+                if errors:
+                    self._finish_locked(batch, "failed", errors=_error_list(errors))
+                    return
+                batch.total = total
+                batch_dir = self.data_dir / "batches" / batch.id
+                batch_dir.mkdir(parents=True, exist_ok=True)
+                batch.out_path = batch_dir / "output.jsonl"
+                batch.err_path = batch_dir / "errors.jsonl"
+                batch.out_fh = open(batch.out_path, "wb")  # noqa: SIM115 - closed on finish
+                batch.err_fh = open(batch.err_path, "wb")  # noqa: SIM115 - closed on finish
+            if not self._advance(batch, "validating", "in_progress"):
+                return
+            assert rec is not None
+            if not await self._process(batch, rec.path):
+                return
+            if not self._advance(batch, "in_progress", "finalizing"):
+                return
+            if not await self._stay(batch, "finalizing", cfg.finalize_delay):
+                return
+            with self._lock:
+                if self._alive(batch) and batch.status == "finalizing":
+                    self._finish_locked(batch, "completed")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("batch %s crashed in the emulator", batch.id)
+            with self._lock:
+                if self._alive(batch) and batch.status not in TERMINAL_STATUSES:
+                    self._finish_locked(
+                        batch,
+                        "failed",
+                        errors=_error_list(
+                            [{"code": "internal_error", "message": str(exc), "param": None, "line": None}],
+                        ),
+                    )
+
+    async def _process(self, batch: BatchRecord, input_path: Path) -> bool:
+        """Run every request of the input file at the configured rate.
+
+        :return: ``True`` when all requests ran and the batch is still ``in_progress``.
+        """
+        rps = self.config.requests_per_second
+        rng = random.Random("%s-%s" % (self.config.seed, batch.seq))
+        upstream = None
+        if self.config.upstream_url:
+            import httpx
+
+            headers = {}
+            if self.config.upstream_api_key:
+                headers["Authorization"] = "Bearer %s" % self.config.upstream_api_key
+            upstream = httpx.AsyncClient(base_url=self.config.upstream_url.rstrip("/"), headers=headers, timeout=600)
+        try:
+            start = time.monotonic()
+            done = 0
+            with open(input_path, "rb") as fh:
+                lines = (line for line in fh if line.strip())
+                while True:
+                    if not self._alive(batch) or batch.status != "in_progress":
+                        return False
+                    if self._expire_if_due(batch):
+                        return False
+                    if self.faults.is_stuck(batch.id, "in_progress"):
+                        await asyncio.sleep(_POLL)
+                        start = time.monotonic() - done / rps
+                        continue
+                    allowed = int((time.monotonic() - start) * rps) + 1 - done
+                    if allowed <= 0:
+                        await asyncio.sleep(min(_POLL, (done + 1) / rps - (time.monotonic() - start)))
+                        continue
+                    chunk = list(itertools.islice(lines, min(allowed, _CHUNK_MAX)))
+                    if not chunk:
+                        return True
+                    results = await self._execute(chunk, upstream)
+                    rng.shuffle(results)
+                    with self._lock:
+                        if not self._alive(batch) or batch.status != "in_progress" or batch.out_fh is None:
+                            return False
+                        for ok, line in results:
+                            data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+                            if ok:
+                                batch.out_fh.write(data)
+                                batch.completed += 1
+                            else:
+                                assert batch.err_fh is not None
+                                batch.err_fh.write(data)
+                                batch.failed += 1
+                        batch.out_fh.flush()
+                        assert batch.err_fh is not None
+                        batch.err_fh.flush()
+                    done += len(chunk)
+                    await asyncio.sleep(0)
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
+
+    async def _execute(self, chunk: list[bytes], upstream: Any) -> list[tuple[bool, dict[str, Any]]]:
+        """Run one chunk of request lines; return ``(succeeded, output line)`` pairs."""
+        models = set(self.config.models)
+
+        async def one(raw: bytes) -> tuple[bool, dict[str, Any]]:
+            req = json.loads(raw)
+            body = req["body"]
+            line_id = "batch_req_%s" % secrets.token_hex(12)
+            request_id = "req_%s" % secrets.token_hex(12)
+
+            def error(status: int, message: str, etype: str, code: str) -> tuple[bool, dict[str, Any]]:
+                return False, {
+                    "id": line_id,
+                    "custom_id": req["custom_id"],
+                    "response": {
+                        "status_code": status,
+                        "request_id": request_id,
+                        "body": {"error": {"message": message, "type": etype, "code": code}},
+                    },
+                }
+
+            if body["model"] not in models:
+                return error(
+                    400, "The model `%s` does not exist." % body["model"], "invalid_request_error", "model_not_found"
+                )
+            if self.faults.should_fail_request():
+                return error(500, "Injected failure (emulator fail_share).", "server_error", "internal_error")
+            if upstream is not None:
+                try:
+                    resp = await upstream.post("/chat/completions", json=body)
+                    try:
+                        resp_body: Any = resp.json()
+                    except ValueError:
+                        resp_body = {"error": {"message": resp.text, "type": "upstream_error", "code": None}}
+                except Exception as exc:  # network errors become request failures
+                    return error(502, "Upstream request failed: %s" % exc, "server_error", "upstream_error")
+                line = {
+                    "id": line_id,
+                    "custom_id": req["custom_id"],
+                    "response": {"status_code": resp.status_code, "request_id": request_id, "body": resp_body},
+                }
+                return resp.status_code < 400, line
+            return True, {
+                "id": line_id,
+                "custom_id": req["custom_id"],
+                "response": {"status_code": 200, "request_id": request_id, "body": build_completion(body)},
+            }
+
+        if upstream is None:
+            return [await one(raw) for raw in chunk]
+        return list(await asyncio.gather(*(one(raw) for raw in chunk)))
+
+    async def _finish_cancel(self, batch: BatchRecord) -> None:
+        delay = self.faults.cancel_delay
+        if delay is None:
+            delay = self.config.cancel_delay
+        if not await self._stay(batch, "cancelling", delay):
+            return
+        with self._lock:
+            if self._alive(batch) and batch.status == "cancelling":
+                self._finish_locked(batch, "cancelled")
+
+    # ------------------------------------------------------------------ terminal transitions
+    @staticmethod
+    def _close_handles(batch: BatchRecord) -> None:
+        for attr in ("out_fh", "err_fh"):
+            fh = getattr(batch, attr)
+            if fh is not None:
+                try:
+                    fh.close()
+                except OSError:  # pragma: no cover
+                    pass
+                setattr(batch, attr, None)
+
+    def _finish_locked(self, batch: BatchRecord, status: str, *, errors: Any = None) -> None:
+        """Move a batch to a terminal status and publish its output/error files (lock held)."""
+        self._close_handles(batch)
+        batch.status = status
+        batch.timestamps["%s_at" % status] = time.time()
+        if errors is not None:
+            batch.errors = errors
+        if status == "failed":
+            return
+        for path, attr, name in (
+            (batch.out_path, "output_file_id", "output"),
+            (batch.err_path, "error_file_id", "errors"),
+        ):
+            if path is None or not path.exists() or getattr(batch, attr):
+                continue
+            if path.stat().st_size == 0 and not (status == "completed" and attr == "output_file_id"):
+                continue
+            file_id = new_object_id()
+            self.register_file(
+                file_id,
+                path,
+                filename="/data/batches/%s/%s_%s.jsonl" % (batch.id, name, file_id),
+                purpose="batch_output",
+            )
+            setattr(batch, attr, file_id)
+        log.info("batch %s is %s", batch.id, status)
+
+
+def _error_list(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": errors}

@@ -1,0 +1,554 @@
+"""KlusterHook: the kluster.ai connection and every API call the provider makes, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import pathlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+import openai
+
+from airflow.sdk.bases.hook import BaseHook
+from airflow_provider_kluster import DEFAULT_BASE_URL
+from airflow_provider_kluster.batches import KlusterBatch
+from airflow_provider_kluster.exceptions import (
+    KlusterAPIError,
+    KlusterAuthError,
+    KlusterBadRequestError,
+    KlusterConfigError,
+    KlusterNotFoundError,
+    KlusterTransientAPIError,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection, ObjectStoragePath
+
+    PathLike = str | os.PathLike[str] | ObjectStoragePath
+
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_PLATFORM_URL = "https://platform.kluster.ai"
+BATCH_ENDPOINT = "/v1/chat/completions"
+COMPLETION_WINDOWS = ("24h", "48h", "72h")
+KLUSTER_METADATA_KEY = "@kluster.ai"
+DOWNLOAD_CHUNK = 1024 * 1024
+LIST_PAGE_SIZE = 100
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a client is built from, read from the Airflow connection."""
+
+    base_url: str
+    api_key: str
+    timeout: float
+    max_retries: int
+    platform_url: str
+
+    def __repr__(self) -> str:  # never show the key
+        return (
+            f"ClientSettings(base_url={self.base_url!r}, timeout={self.timeout}, "
+            f"max_retries={self.max_retries})"
+        )
+
+    @property
+    def cache_key(self) -> tuple:
+        """Return a key identifying the client these settings build, holding a digest of the key, not the key."""
+        digest = hashlib.sha256(self.api_key.encode()).hexdigest()
+        return (self.base_url, digest, self.timeout, self.max_retries)
+
+
+# One AsyncOpenAI client per (event loop, settings): a triggerer runs every trigger in one loop, and building a
+# client costs ~20 ms of loop time and ~850 KB, so a thousand waiting batches share one client.
+_ASYNC_CLIENTS: dict[tuple, tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI]] = {}
+
+
+def settings_from_connection(
+    conn: Connection, *, timeout: float | None = None, max_retries: int | None = None
+) -> ClientSettings:
+    """Read the base URL, API key, timeout and retries from a kluster connection.
+
+    The host may be a full URL (``http://127.0.0.1:8000/v1``) or a bare host name; a bare local host is
+    reached over http, any other over https, with ``port`` and ``schema`` (the URI path) appended.
+    The extra ``base_url`` wins over the host.
+    """
+    extra = conn.extra_dejson or {}
+    base_url = extra.get("base_url") or _base_url_from_host(conn.host, conn.port, conn.schema)
+    api_key = conn.password or extra.get("api_key")
+    if not api_key:
+        raise KlusterConfigError(
+            f"Connection {conn.conn_id!r} has no API key: put the kluster.ai API key in its password field."
+        )
+
+    def number(name: str, given: float | None, default: float, cast: type) -> Any:
+        value = given if given is not None else extra.get(name)
+        if value in (None, ""):
+            return cast(default)
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            raise KlusterConfigError(
+                f"Connection {conn.conn_id!r}: extra {name!r} must be a number, got {value!r}."
+            ) from None
+
+    return ClientSettings(
+        base_url=base_url.rstrip("/"),
+        api_key=str(api_key),
+        timeout=number("timeout", timeout, DEFAULT_TIMEOUT, float),
+        max_retries=number("max_retries", max_retries, DEFAULT_MAX_RETRIES, int),
+        platform_url=str(extra.get("platform_url") or DEFAULT_PLATFORM_URL).rstrip("/"),
+    )
+
+
+def _base_url_from_host(host: str | None, port: int | None, schema: str | None) -> str:
+    if not host:
+        return DEFAULT_BASE_URL
+    if "://" in host:
+        return host
+    scheme = "http" if host in _LOCAL_HOSTS else "https"
+    netloc = f"{host}:{port}" if port else host
+    path = (schema or "v1").strip("/")
+    return f"{scheme}://{netloc}/{path}"
+
+
+def api_error(exc: Exception, *, call: str, resource_id: str | None, secret: str | None) -> KlusterAPIError:
+    """Translate an openai/httpx failure into the provider exception that names the call and resource.
+
+    Reads kluster's envelopes (``{"error": {"message", "errorCode"}}`` and ``{"message", "errorCode"}``), then
+    the raw text. Any occurrence of the API key is masked, whatever the server echoed.
+    """
+    target = f"{call} {resource_id}" if resource_id else call
+    status_code: int | None = None
+    request_id: str | None = None
+    if isinstance(exc, openai.APIStatusError):
+        status_code = exc.status_code
+        request_id = exc.request_id or exc.response.headers.get("x-kluster-request-id")
+        detail = _error_detail(exc.body, exc.response)
+    elif isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
+        detail = f"could not reach kluster.ai ({type(exc).__name__}: {exc})"
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    parts = [f"kluster.ai {target} failed"]
+    if status_code is not None:
+        parts.append(f" with HTTP {status_code}")
+    parts.append(f": {detail}")
+    if request_id:
+        parts.append(f" (request id {request_id})")
+    cls: type[KlusterAPIError]
+    if status_code in (401, 403):
+        cls = KlusterAuthError
+        parts.append(". Check the API key in the connection's password field.")
+    elif status_code == 404:
+        cls = KlusterNotFoundError
+        parts.append(". Check the id, and that the connection uses the API key that created it.")
+    elif status_code in (400, 422):
+        cls = KlusterBadRequestError
+    elif status_code is None or status_code in (408, 409, 429) or status_code >= 500:
+        cls = KlusterTransientAPIError
+        parts.append(". This looks transient and persisted through every retry; try again later.")
+    else:
+        cls = KlusterAPIError
+    message = redact("".join(parts), secret)
+    return cls(message, call=call, resource_id=resource_id, status_code=status_code, request_id=request_id)
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Mask every occurrence of ``secret`` in ``text``."""
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _error_detail(body: object, response: httpx2.Response | None) -> str:
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        message = inner.get("message") or body.get("message")
+        if message:
+            code = inner.get("errorCode", inner.get("code"))
+            return f"{message} (code {code})" if code not in (None, "") else str(message)
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:500]
+    if response is not None:
+        with contextlib.suppress(Exception):
+            text = response.text.strip()
+            if text:
+                return text[:500]
+    return "no error message in the response"
+
+
+def as_path(location: PathLike) -> pathlib.Path | ObjectStoragePath:
+    """Turn a local path, ``file://`` or object-storage URI, or an ObjectStoragePath into a path object."""
+    if isinstance(location, pathlib.PurePath) or hasattr(location, "fs"):
+        return location  # type: ignore[return-value]
+    text = os.fspath(location)
+    if "://" in text:
+        from airflow.sdk import ObjectStoragePath
+
+        return ObjectStoragePath(text)
+    return pathlib.Path(text)
+
+
+class KlusterHook(BaseHook):
+    """Talk to the kluster.ai batch API through an Airflow connection of type ``kluster``.
+
+    The connection's password holds the API key; its host the base URL (default ``https://api.kluster.ai/v1``);
+    extras ``timeout`` (seconds per request) and ``max_retries`` (per call, on connection errors, 408, 409,
+    429 honouring ``Retry-After``, and 5xx) tune the client.
+
+    :param kluster_conn_id: The Airflow connection to use.
+    :param timeout: Override the connection's request timeout.
+    :param max_retries: Override the connection's retries per call.
+    """
+
+    conn_name_attr = "kluster_conn_id"
+    default_conn_name = "kluster_default"
+    conn_type = "kluster"
+    hook_name = "kluster.ai"
+
+    def __init__(
+        self,
+        kluster_conn_id: str = default_conn_name,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.kluster_conn_id = kluster_conn_id
+        self._timeout = timeout
+        self._max_retries = max_retries
+        self._async_settings: ClientSettings | None = None
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Return the connection form layout (Airflow 3.1 reads this; 3.2+ reads ``conn-fields``)."""
+        return {
+            "hidden_fields": ["schema", "port", "login", "extra"],
+            "relabeling": {"host": "Base URL", "password": "API key"},
+            "placeholders": {"host": DEFAULT_BASE_URL, "password": "your kluster.ai API key"},
+        }
+
+    # -- connection and clients ------------------------------------------------------------------------
+
+    @cached_property
+    def settings(self) -> ClientSettings:
+        """Return the client settings read from the connection (looked up once per hook)."""
+        conn = self.get_connection(self.kluster_conn_id)
+        return settings_from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
+
+    async def aget_settings(self) -> ClientSettings:
+        """Return the client settings, looking the connection up without blocking the event loop."""
+        if "settings" in self.__dict__:
+            return self.settings
+        if self._async_settings is None:
+            aget = getattr(BaseHook, "aget_connection", None)
+            if aget is not None:
+                conn = await aget(self.kluster_conn_id)
+            else:  # pragma: no cover - Airflow without the async lookup
+                conn = await asyncio.to_thread(self.get_connection, self.kluster_conn_id)
+            self._async_settings = settings_from_connection(
+                conn, timeout=self._timeout, max_retries=self._max_retries
+            )
+        return self._async_settings
+
+    @cached_property
+    def client(self) -> openai.OpenAI:
+        """Return the synchronous client (built once per hook)."""
+        return self.get_conn()
+
+    def get_conn(self) -> openai.OpenAI:
+        """Build a synchronous ``openai.OpenAI`` client pointed at kluster.ai."""
+        s = self.settings
+        return openai.OpenAI(base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries)
+
+    async def get_async_conn(self) -> openai.AsyncOpenAI:
+        """Return an ``openai.AsyncOpenAI`` client, shared by every hook in this event loop with the same settings."""
+        s = await self.aget_settings()
+        loop = asyncio.get_running_loop()
+        key = (id(loop), *s.cache_key)
+        cached = _ASYNC_CLIENTS.get(key)
+        if cached is not None and cached[0] is loop and not loop.is_closed():
+            return cached[1]
+        # Drop clients of loops that are gone (tests, dag.test runs) so the cache does not grow.
+        for stale in [k for k, (lp, _) in _ASYNC_CLIENTS.items() if lp.is_closed()]:
+            del _ASYNC_CLIENTS[stale]
+        client = openai.AsyncOpenAI(
+            base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries
+        )
+        _ASYNC_CLIENTS[key] = (loop, client)
+        return client
+
+    def _error(self, exc: Exception, call: str, resource_id: str | None = None) -> KlusterAPIError:
+        secret = self.__dict__.get("settings") or self._async_settings
+        return api_error(exc, call=call, resource_id=resource_id, secret=secret.api_key if secret else None)
+
+    def _json(self, method: str, path: str, *, call: str, resource_id: str | None = None, **kw: Any) -> Any:
+        try:
+            data = getattr(self.client, method)(path, cast_to=object, **kw)
+        except (openai.OpenAIError, httpx2.TransportError) as exc:
+            raise self._error(exc, call, resource_id) from None
+        except ValueError as exc:  # a body that is not JSON
+            raise _malformed(exc, call, resource_id) from None
+        return _expect_object(data, call, resource_id)
+
+    async def _ajson(
+        self, method: str, path: str, *, call: str, resource_id: str | None = None, **kw: Any
+    ) -> Any:
+        client = await self.get_async_conn()
+        try:
+            data = await getattr(client, method)(path, cast_to=object, **kw)
+        except (openai.OpenAIError, httpx2.TransportError) as exc:
+            raise self._error(exc, call, resource_id) from None
+        except ValueError as exc:  # a body that is not JSON
+            raise _malformed(exc, call, resource_id) from None
+        return _expect_object(data, call, resource_id)
+
+    # -- connection test and models --------------------------------------------------------------------
+
+    def list_models(self) -> list[str]:
+        """Return the ids of every model this key can use, fine-tuned and dedicated ones included."""
+        data = self._json("get", "/models", call="list models")
+        return [str(m["id"]) for m in data.get("data") or [] if isinstance(m, dict) and m.get("id")]
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the connection by listing models; say clearly when the key is rejected."""
+        try:
+            models = self.list_models()
+        except KlusterAuthError as exc:
+            return False, f"kluster.ai rejected the API key (HTTP {exc.status_code}) at {self.settings.base_url}."
+        except Exception as exc:
+            return False, str(exc)
+        return True, f"Connected to {self.settings.base_url}: {len(models)} models available."
+
+    # -- files -----------------------------------------------------------------------------------------
+
+    def upload_file(self, path: PathLike, purpose: str = "batch", *, filename: str | None = None) -> str:
+        """Upload a local file or ObjectStoragePath, streamed from a file handle; return the file id.
+
+        A retried request re-reads the file from its start (the handle is rewound), so a dropped connection
+        never uploads a truncated file.
+        """
+        source = as_path(path)
+        name = filename or source.name
+        try:
+            with source.open("rb") as handle:
+                response = self.client.files.with_raw_response.create(file=(name, handle), purpose=purpose)  # type: ignore[arg-type]
+                data = response.http_response.json()
+        except (openai.OpenAIError, httpx2.TransportError) as exc:
+            raise self._error(exc, "upload file", str(source)) from None
+        except FileNotFoundError:
+            raise KlusterConfigError(f"Cannot upload {source}: no such file.") from None
+        except ValueError as exc:
+            raise _malformed(exc, "upload file", str(source)) from None
+        data = _expect_object(data, "upload file", str(source))
+        if not data.get("id"):
+            raise KlusterAPIError(
+                f"kluster.ai upload of {source} returned no file id: {str(data)[:300]}",
+                call="upload file",
+                resource_id=str(source),
+            )
+        self.log.info("Uploaded %s as kluster.ai file %s (%s bytes)", source, data["id"], data.get("bytes"))
+        return str(data["id"])
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        """Return a file object: ``{id, object, bytes, created_at, filename, purpose}``."""
+        return self._json("get", f"/files/{file_id}", call="get file", resource_id=file_id)
+
+    def delete_file(self, file_id: str) -> bool:
+        """Delete a file; return whether kluster.ai says it was deleted."""
+        data = self._json("delete", f"/files/{file_id}", call="delete file", resource_id=file_id)
+        return bool(data.get("deleted", data.get("success", True)))
+
+    def download_file(
+        self, file_id: str, destination: PathLike, *, chunk_size: int = DOWNLOAD_CHUNK, attempts: int = 5
+    ) -> pathlib.Path | ObjectStoragePath:
+        """Stream a file's content to ``destination`` atomically, in constant memory; return the destination.
+
+        The bytes go to a temporary sibling first and are renamed into place only when complete, so a failed
+        download never leaves a partial file under the destination name. A connection dropped mid-stream is
+        resumed with an HTTP ``Range`` request when the server allows it, restarted otherwise.
+        """
+        dest = as_path(destination)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+        written = 0
+        try:
+            for attempt in range(1, attempts + 1):
+                try:
+                    written = self._download_into(file_id, tmp, written, chunk_size)
+                    break
+                except (openai.APIConnectionError, httpx2.TransportError) as exc:
+                    if attempt == attempts:
+                        raise self._error(exc, "download file", file_id) from None
+                    self.log.warning(
+                        "Download of file %s broke after %d bytes (%s); resuming (attempt %d of %d)",
+                        file_id,
+                        written,
+                        type(exc).__name__,
+                        attempt + 1,
+                        attempts,
+                    )
+                except openai.OpenAIError as exc:
+                    raise self._error(exc, "download file", file_id) from None
+            tmp.rename(dest) if not isinstance(dest, pathlib.Path) else os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                if tmp.exists():
+                    tmp.unlink()
+        self.log.info("Downloaded kluster.ai file %s to %s (%d bytes)", file_id, dest, written)
+        return dest
+
+    def _download_into(self, file_id: str, tmp: Any, offset: int, chunk_size: int) -> int:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with self.client.files.with_streaming_response.content(file_id, extra_headers=headers) as response:
+            resumed = offset > 0 and response.status_code == 206
+            written = offset if resumed else 0
+            with tmp.open("ab" if resumed else "wb") as out:
+                for chunk in response.iter_bytes(chunk_size):
+                    out.write(chunk)
+                    written += len(chunk)
+            return written
+
+    def iter_file_lines(self, file_id: str) -> Iterator[bytes]:
+        """Yield a file's content line by line, streamed (for small files and inspection; prefer download)."""
+        try:
+            with self.client.files.with_streaming_response.content(file_id) as response:
+                yield from response.iter_lines()  # type: ignore[misc]
+        except (openai.OpenAIError, httpx2.TransportError) as exc:
+            raise self._error(exc, "read file", file_id) from None
+
+    # -- batches ---------------------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        *,
+        completion_window: str = "24h",
+        metadata: dict[str, Any] | None = None,
+        kluster_options: dict[str, bool] | None = None,
+        endpoint: str = BATCH_ENDPOINT,
+    ) -> KlusterBatch:
+        """Create a batch over an uploaded request file.
+
+        :param input_file_id: The uploaded JSONL file of requests.
+        :param completion_window: ``24h``, ``48h`` or ``72h``.
+        :param metadata: Your own string metadata, kept on the batch.
+        :param kluster_options: kluster-only switches (``greedy``, ``strict_completion_window``,
+            ``remove_input_after_processing``), sent as ``metadata["@kluster.ai"]``.
+        :param endpoint: Only ``/v1/chat/completions`` is accepted by kluster.ai.
+        """
+        body = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": completion_window,
+            "metadata": build_metadata(metadata, kluster_options),
+        }
+        data = self._json("post", "/batches", call="create batch on file", resource_id=input_file_id, body=body)
+        batch = KlusterBatch.from_api(data)
+        self.log.info("Created kluster.ai batch %s on file %s (%s)", batch.id, input_file_id, batch.status_text)
+        return batch
+
+    def get_batch(self, batch_id: str) -> KlusterBatch:
+        """Return a batch, normalized."""
+        return KlusterBatch.from_api(self._json("get", f"/batches/{batch_id}", call="get batch", resource_id=batch_id))
+
+    async def aget_batch(self, batch_id: str) -> KlusterBatch:
+        """Return a batch, normalized, without blocking the event loop."""
+        data = await self._ajson("get", f"/batches/{batch_id}", call="get batch", resource_id=batch_id)
+        return KlusterBatch.from_api(data)
+
+    def cancel_batch(self, batch_id: str) -> KlusterBatch:
+        """Ask kluster.ai to cancel a batch; it usually answers ``cancelling`` and stops within 10 minutes.
+
+        The body is ``{}``: kluster answered HTTP 500 to a JSON content type with an empty body.
+        """
+        data = self._json(
+            "post", f"/batches/{batch_id}/cancel", call="cancel batch", resource_id=batch_id, body={}
+        )
+        batch = KlusterBatch.from_api(data)
+        self.log.info("Asked kluster.ai to cancel batch %s; it is now %s", batch_id, batch.status_text)
+        return batch
+
+    async def acancel_batch(self, batch_id: str) -> KlusterBatch:
+        """Cancel a batch without blocking the event loop (see :meth:`cancel_batch`)."""
+        data = await self._ajson(
+            "post", f"/batches/{batch_id}/cancel", call="cancel batch", resource_id=batch_id, body={}
+        )
+        batch = KlusterBatch.from_api(data)
+        self.log.info("Asked kluster.ai to cancel batch %s; it is now %s", batch_id, batch.status_text)
+        return batch
+
+    def iter_batches(self, *, page_size: int = LIST_PAGE_SIZE) -> Iterator[KlusterBatch]:
+        """Yield every batch of this key, newest first, following the ``after`` cursor page by page."""
+        after: str | None = None
+        seen_cursors: set[str] = set()
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if after:
+                params["after"] = after
+            data = self._json("get", "/batches", call="list batches", options={"params": params})
+            items = [item for item in data.get("data") or [] if isinstance(item, dict)]
+            for item in items:
+                yield KlusterBatch.from_api(item)
+            last = data.get("last_id") or (items[-1].get("id") if items else None)
+            has_more = data.get("has_more")
+            if has_more is None:
+                has_more = len(items) >= page_size
+            if not items or not has_more or not last or last in seen_cursors:
+                return
+            seen_cursors.add(last)
+            after = str(last)
+
+    def list_batches(self, limit: int | None = None) -> list[KlusterBatch]:
+        """Return the batches of this key, newest first: all of them, or the first ``limit``."""
+        result: list[KlusterBatch] = []
+        page_size = min(LIST_PAGE_SIZE, limit) if limit else LIST_PAGE_SIZE
+        for batch in self.iter_batches(page_size=max(page_size, 1)):
+            if limit is not None and len(result) >= limit:
+                break
+            result.append(batch)
+        return result
+
+
+def build_metadata(metadata: dict[str, Any] | None, kluster_options: dict[str, bool] | None) -> dict[str, Any]:
+    """Merge user metadata and kluster's own options (under ``@kluster.ai``) into one metadata object."""
+    merged: dict[str, Any] = dict(metadata or {})
+    if kluster_options:
+        allowed = {"greedy", "strict_completion_window", "remove_input_after_processing"}
+        unknown = set(kluster_options) - allowed
+        if unknown:
+            raise KlusterConfigError(
+                f"Unknown kluster_options {sorted(unknown)}; allowed: {sorted(allowed)}."
+            )
+        merged[KLUSTER_METADATA_KEY] = {k: bool(v) for k, v in kluster_options.items()}
+    return merged
+
+
+def _malformed(exc: Exception, call: str, resource_id: str | None) -> KlusterTransientAPIError:
+    target = f"{call} {resource_id}" if resource_id else call
+    return KlusterTransientAPIError(
+        f"kluster.ai {target} returned a body that is not valid JSON ({exc}); try again later.",
+        call=call,
+        resource_id=resource_id,
+    )
+
+
+def _expect_object(data: object, call: str, resource_id: str | None) -> Any:
+    if not isinstance(data, dict):
+        target = f"{call} {resource_id}" if resource_id else call
+        raise KlusterTransientAPIError(
+            f"kluster.ai {target} returned something that is not a JSON object: {str(data)[:200]!r}",
+            call=call,
+            resource_id=resource_id,
+        )
+    return data

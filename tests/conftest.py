@@ -1,0 +1,40 @@
+"""Shared fixtures: an isolated AIRFLOW_HOME, the emulator on loopback, and connections pointing at it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+# Airflow reads its home at import time: isolate it before anything imports airflow.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="kluster-airflow-home-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+
+import pytest
+
+# The emulator fixtures (kluster_emulator, kluster_emulator_server) come from the pytest11 entry point
+# this package registers, exactly as users get them.
+
+
+#: A key recognisable anywhere it might leak.
+TEST_API_KEY = "kl-test-SECRET-7f3a9c1e5b"
+
+
+def conn_json(base_url: str, api_key: str = TEST_API_KEY, **extra: object) -> str:
+    """Return an ``AIRFLOW_CONN_*`` value in JSON form for a kluster connection."""
+    return json.dumps({"conn_type": "kluster", "host": base_url, "password": api_key, "extra": extra})
+
+
+@pytest.fixture
+def emulator(kluster_emulator):
+    """Return the running emulator server, reset, accepting :data:`TEST_API_KEY`."""
+    kluster_emulator.emulator.config.api_key = TEST_API_KEY
+    return kluster_emulator
+
+
+@pytest.fixture
+def kluster_conn(emulator, monkeypatch):
+    """Point ``kluster_default`` at the emulator with fast client retries; return the connection id."""
+    monkeypatch.setenv("AIRFLOW_CONN_KLUSTER_DEFAULT", conn_json(emulator.base_url, max_retries=2, timeout=10))
+    return "kluster_default"

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from airflow_provider_kluster import get_provider_info
+from airflow_provider_kluster.hooks.kluster import KlusterHook
+
+
+def test_provider_info_has_what_airflow_requires():
+    info = get_provider_info()
+    assert info["package-name"] == "airflow-provider-kluster"
+    assert info["description"]
+    (conn_type,) = info["connection-types"]
+    assert conn_type["connection-type"] == "kluster"
+    assert conn_type["hook-class-name"] == f"{KlusterHook.__module__}.{KlusterHook.__name__}"
+    assert conn_type["ui-field-behaviour"]["relabeling"] == {"host": "Base URL", "password": "API key"}
+    assert {"timeout", "max_retries"} <= set(conn_type["conn-fields"])
+
+
+def test_every_module_named_in_provider_info_imports():
+    import importlib
+
+    info = get_provider_info()
+    for kind in ("hooks", "operators", "sensors", "triggers"):
+        for entry in info.get(kind, []):
+            for module in entry["python-modules"]:
+                importlib.import_module(module)
+    for link in info.get("extra-links", []):
+        module, _, name = link.rpartition(".")
+        assert getattr(importlib.import_module(module), name)
+
+
+def test_hook_ui_behaviour_matches_provider_info():
+    conn_type = get_provider_info()["connection-types"][0]["ui-field-behaviour"]
+    ui = KlusterHook.get_ui_field_behaviour()
+    assert ui["hidden_fields"] == conn_type["hidden-fields"]
+    assert ui["relabeling"] == conn_type["relabeling"]
+
+
+def _airflow(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow", *args], capture_output=True, text=True, timeout=180, check=True
+    )
+    return result.stdout
+
+
+def test_airflow_lists_the_provider_and_its_connection_type():
+    assert "airflow-provider-kluster" in _airflow("providers", "list", "-o", "plain")
+    hooks = _airflow("providers", "hooks", "-o", "plain")
+    assert "kluster" in hooks
+    assert "KlusterHook" in hooks
