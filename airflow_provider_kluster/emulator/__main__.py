@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="kluster",
         help="kluster: numeric strings, unset keys omitted; int: OpenAI-style integers",
     )
-    parser.add_argument("--upstream-url", default=None, help="forward batch requests to this OpenAI-style API")
+    parser.add_argument(
+        "--upstream-url", default=None, help="forward batch requests to this OpenAI-style API"
+    )
     parser.add_argument("--upstream-api-key", default=os.environ.get("KLUSTER_EMULATOR_UPSTREAM_API_KEY"))
     parser.add_argument("--seed", type=int, default=0, help="seed for faults and output shuffling")
     parser.add_argument("--model", action="append", dest="models", help="served model id (repeatable)")
@@ -95,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     emulator = KlusterEmulator(config)
     for fault in faults:
         emulator.faults.add(**fault)
@@ -108,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_keep_alive=args.timeout_keep_alive,
     )
     print(
-        "kluster emulator on http://%s:%d/v1 (api key from --api-key / KLUSTER_EMULATOR_API_KEY), data in %s"
-        % (args.host, args.port, emulator.data_dir),
+        f"kluster emulator on http://{args.host}:{args.port}/v1 "
+        f"(api key from --api-key / KLUSTER_EMULATOR_API_KEY), data in {emulator.data_dir}",
         file=sys.stderr,
         flush=True,
     )

@@ -6,7 +6,17 @@ Error envelopes follow the two styles seen from the real service:
   validation errors (:func:`kluster_error`);
 * ``{"message": ..., "errorCode": -1}`` for 404s, 500s and injected 5xx (:func:`plain_error`).
 
-Admin endpoints under ``/_emulator`` need no authentication.
+Admin endpoints (no authentication; not counted):
+
+* ``GET /_emulator/faults`` — ``{rules, stuck, fail_share, cancel_delay}``;
+* ``PUT /_emulator/faults`` — a rule object (``{"route", "status", "times", ...}``, appended), a list of
+  rules (appended), or a full document ``{rules, stuck, fail_share, cancel_delay}`` (replaces the rules
+  and stuck batches unless ``?replace=false``);
+* ``DELETE /_emulator/faults`` — clear all faults;
+* ``GET /_emulator/counters`` — request counters;
+* ``POST /_emulator/reset`` — forget files, batches, faults and counters;
+* ``GET /_emulator/batches/{id}`` — the batch object;
+* ``POST /_emulator/batches/{id}/status`` with ``{"status": "failed"}`` — force a status.
 """
 
 from __future__ import annotations
@@ -26,9 +36,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Match
 
-from airflow_provider_kluster.emulator.completions import CHAT_COMPLETIONS_URL, build_completion, validate_chat_body
+from airflow_provider_kluster.emulator.completions import (
+    CHAT_COMPLETIONS_URL,
+    build_completion,
+    validate_chat_body,
+)
 from airflow_provider_kluster.emulator.faults import FaultRule, normalize_route
-from airflow_provider_kluster.emulator.state import ALLOWED_WINDOWS, ALL_STATUSES
+from airflow_provider_kluster.emulator.state import ALL_STATUSES, ALLOWED_WINDOWS
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -80,10 +94,10 @@ class EmulatorMiddleware:
         for route in self.app.router.routes:
             match, _ = route.matches(scope)
             if match == Match.FULL:
-                return normalize_route("%s %s" % (method, getattr(route, "path", scope["path"])))
+                return normalize_route("{} {}".format(method, getattr(route, "path", scope["path"])))
             if match == Match.PARTIAL and partial is None:
                 partial = getattr(route, "path", None)
-        return normalize_route("%s %s" % (method, partial or scope["path"]))
+        return normalize_route("{} {}".format(method, partial or scope["path"]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
@@ -109,7 +123,7 @@ class EmulatorMiddleware:
         await self.app(scope, receive, send)
 
     def _authorised(self, scope: Scope) -> bool:
-        expected = "Bearer %s" % self.emulator.config.api_key
+        expected = f"Bearer {self.emulator.config.api_key}"
         for name, value in scope["headers"]:
             if name == b"authorization":
                 return hmac.compare_digest(value.decode("latin-1").strip().encode(), expected.encode())
@@ -134,7 +148,7 @@ class EmulatorMiddleware:
             phrase = HTTPStatus(rule.status).phrase
         except ValueError:
             phrase = "Error"
-        message = rule.message or "%s (injected by the kluster emulator)" % phrase
+        message = rule.message or f"{phrase} (injected by the kluster emulator)"
         if rule.status == 429:
             return kluster_error(429, message, error_type="rate_limit_error", code=4290, headers=headers)
         if rule.status < 500:
@@ -166,7 +180,9 @@ class EmulatorMiddleware:
 
 def create_app(emulator: KlusterEmulator) -> ASGIApp:
     """Build the ASGI app serving ``emulator``."""
-    api = FastAPI(title="kluster.ai emulator", docs_url="/_emulator/docs", openapi_url="/_emulator/openapi.json")
+    api = FastAPI(
+        title="kluster.ai emulator", docs_url="/_emulator/docs", openapi_url="/_emulator/openapi.json"
+    )
     _add_error_handlers(api)
     _add_file_routes(api, emulator)
     _add_batch_routes(api, emulator)
@@ -179,18 +195,18 @@ def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            return plain_error(404, "Not found: %s %s" % (request.method, request.url.path))
+            return plain_error(404, f"Not found: {request.method} {request.url.path}")
         if exc.status_code == 405:
             return plain_error(405, "Method not allowed")
         return plain_error(exc.status_code, str(exc.detail))
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return _bad_request("Invalid request: %s" % exc.errors()[:3])
+        return _bad_request(f"Invalid request: {exc.errors()[:3]}")
 
     @api.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> Response:  # pragma: no cover - safety net
-        log.exception("emulator route crashed")
+        log.error("emulator route crashed")
         return plain_error(500, "Internal server error")
 
 
@@ -201,9 +217,9 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     try:
         value = int(float(raw))
     except ValueError:
-        raise ValueError("%s must be an integer" % name) from None
+        raise ValueError(f"{name} must be an integer") from None
     if not low <= value <= high:
-        raise ValueError("%s must be between %d and %d" % (name, low, high))
+        raise ValueError(f"{name} must be between {low} and {high}")
     return value
 
 
@@ -220,11 +236,11 @@ def _add_file_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
         limit = emulator.config.max_file_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
-            return _bad_request("File too large: the limit is %d bytes." % limit)
+            return _bad_request(f"File too large: the limit is {limit} bytes.")
         try:
             form = await request.form(max_files=2, max_fields=20)
         except Exception as exc:
-            return _bad_request("Could not parse the multipart body: %s" % exc)
+            return _bad_request(f"Could not parse the multipart body: {exc}")
         try:
             upload = form.get("file")
             purpose = form.get("purpose")
@@ -233,7 +249,7 @@ def _add_file_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
             if not isinstance(purpose, str) or not purpose:
                 return _bad_request("'purpose' is required.")
             if purpose != "batch":
-                return _bad_request("Invalid purpose %r: only 'batch' is supported." % purpose)
+                return _bad_request(f"Invalid purpose {purpose!r}: only 'batch' is supported.")
             file_id, dest, server_name = emulator.new_upload_target(upload.filename)
             size = 0
             try:
@@ -248,7 +264,7 @@ def _add_file_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
                         fh.write(chunk)
             except OverflowError:
                 emulator.discard_upload(dest)
-                return _bad_request("File too large: the limit is %d bytes." % limit)
+                return _bad_request(f"File too large: the limit is {limit} bytes.")
             rec = emulator.register_file(file_id, dest, filename=server_name, purpose=purpose)
             emulator.count("files_uploaded")
             return JSONResponse(emulator.file_json(rec))
@@ -285,22 +301,24 @@ def _add_file_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
     async def get_file(file_id: str) -> Response:
         rec = emulator.get_file(file_id)
         if rec is None:
-            return plain_error(404, "File %s not found" % file_id)
+            return plain_error(404, f"File {file_id} not found")
         return JSONResponse(emulator.file_json(rec))
 
     @api.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str) -> Response:
         if not emulator.delete_file(file_id):
-            return plain_error(404, "File %s not found" % file_id)
+            return plain_error(404, f"File {file_id} not found")
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str) -> Response:
         rec = emulator.get_file(file_id)
         if rec is None or not rec.path.exists():
-            return plain_error(404, "File %s not found" % file_id)
+            return plain_error(404, f"File {file_id} not found")
         # FileResponse streams from disk in chunks and honours Range / If-Range (206, 416).
-        return FileResponse(rec.path, media_type="application/octet-stream", content_disposition_type="attachment")
+        return FileResponse(
+            rec.path, media_type="application/octet-stream", content_disposition_type="attachment"
+        )
 
 
 async def _json_body(request: Request) -> tuple[Any, Response | None]:
@@ -328,15 +346,15 @@ def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
         if not isinstance(input_file_id, str) or not input_file_id:
             return _bad_request("input_file_id is required.")
         if endpoint != CHAT_COMPLETIONS_URL:
-            return _bad_request("Invalid endpoint %r: only %s is supported." % (endpoint, CHAT_COMPLETIONS_URL))
+            return _bad_request(f"Invalid endpoint {endpoint!r}: only {CHAT_COMPLETIONS_URL} is supported.")
         if window not in ALLOWED_WINDOWS:
-            return _bad_request("Invalid completion_window %r: use 24h, 48h or 72h." % (window,))
+            return _bad_request(f"Invalid completion_window {window!r}: use 24h, 48h or 72h.")
         if metadata is not None and not isinstance(metadata, dict):
             return _bad_request("metadata must be an object or null.")
         if metadata is not None and len(metadata) > 16:
             return _bad_request("metadata may have at most 16 keys.")
         if emulator.get_file(input_file_id) is None:
-            return plain_error(404, "Input file %s not found" % input_file_id)
+            return plain_error(404, f"Input file {input_file_id} not found")
         batch = emulator.create_batch(input_file_id, endpoint, window, metadata)
         return JSONResponse(emulator.batch_json(batch))
 
@@ -350,7 +368,7 @@ def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
         status = request.query_params.get("status")
         if status:
             if status.lower() not in ALL_STATUSES:
-                return _bad_request("Invalid status %r." % status)
+                return _bad_request(f"Invalid status {status!r}.")
             batches = [b for b in batches if b.status == status.lower()]
         data, has_more = _page(batches, request.query_params.get("after"), limit, lambda b: b.id)
         payload: dict[str, Any] = {
@@ -368,7 +386,7 @@ def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
     async def get_batch(batch_id: str) -> Response:
         batch = emulator.get_batch(batch_id)
         if batch is None:
-            return plain_error(404, "Batch %s not found" % batch_id)
+            return plain_error(404, f"Batch {batch_id} not found")
         return JSONResponse(emulator.batch_json(batch))
 
     @api.post("/v1/batches/{batch_id}/cancel")
@@ -381,7 +399,7 @@ def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
         try:
             batch = emulator.cancel_batch(batch_id)
         except KeyError:
-            return plain_error(404, "Batch %s not found" % batch_id)
+            return plain_error(404, f"Batch {batch_id} not found")
         except ValueError as exc:
             return _bad_request(str(exc))
         return JSONResponse(emulator.batch_json(batch))
@@ -390,7 +408,7 @@ def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
     async def delete_batch(batch_id: str, request: Request) -> Response:
         delete_files = request.query_params.get("deleteFiles", "false").lower() in ("1", "true", "yes")
         if not emulator.delete_batch(batch_id, delete_files=delete_files):
-            return plain_error(404, "Batch %s not found" % batch_id)
+            return plain_error(404, f"Batch {batch_id} not found")
         return JSONResponse({"success": True})
 
 
@@ -413,7 +431,7 @@ def _add_model_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
     @api.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
         if model_id not in emulator.models:
-            return plain_error(404, "Model %s not found" % model_id)
+            return plain_error(404, f"Model {model_id} not found")
         return JSONResponse(model_json(model_id))
 
     @api.post("/v1/chat/completions")
@@ -423,11 +441,11 @@ def _add_model_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
             return error
         problem = validate_chat_body(body)
         if problem is not None:
-            return _bad_request("%s (%s)" % (problem[1], problem[0]))
+            return _bad_request(f"{problem[1]} ({problem[0]})")
         if body.get("stream"):
             return _bad_request("Streaming is not supported by the emulator.")
         if body["model"] not in emulator.models:
-            return plain_error(404, "The model `%s` does not exist." % body["model"])
+            return plain_error(404, "The model `{}` does not exist.".format(body["model"]))
         return JSONResponse(build_completion(body, created=int(time.time())))
 
 
@@ -446,9 +464,13 @@ def _add_admin_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
                 for item in body:
                     emulator.faults.configure(item)
             elif isinstance(body, dict):
-                emulator.faults.configure(body, replace=request.query_params.get("replace", "true") != "false")
+                emulator.faults.configure(
+                    body, replace=request.query_params.get("replace", "true") != "false"
+                )
             else:
-                return _bad_request("Send a rule object, a list of rules or {rules, stuck, fail_share, cancel_delay}.")
+                return _bad_request(
+                    "Send a rule object, a list of rules or {rules, stuck, fail_share, cancel_delay}."
+                )
         except (TypeError, ValueError) as exc:
             return _bad_request(str(exc))
         return JSONResponse(emulator.faults.to_dict())
@@ -472,7 +494,7 @@ def _add_admin_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
         try:
             return JSONResponse(emulator.get_batch_raw(batch_id))
         except KeyError:
-            return plain_error(404, "Batch %s not found" % batch_id)
+            return plain_error(404, f"Batch {batch_id} not found")
 
     @api.post("/_emulator/batches/{batch_id}/status")
     async def force_status(batch_id: str, request: Request) -> Response:
@@ -484,6 +506,6 @@ def _add_admin_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
         try:
             return JSONResponse(emulator.set_batch_status(batch_id, body["status"]))
         except KeyError:
-            return plain_error(404, "Batch %s not found" % batch_id)
+            return plain_error(404, f"Batch {batch_id} not found")
         except ValueError as exc:
             return _bad_request(str(exc))

@@ -89,7 +89,7 @@ def build_completion(body: dict[str, Any], *, created: int | None = None) -> dic
             last_user = _text_of(msg.get("content"))
             break
     prompt = " ".join(" ".join(last_user.split()).split(" ")[:40])
-    reply = "Emulated answer from %s to: %s" % (body.get("model"), prompt or "(empty prompt)")
+    reply = "Emulated answer from {} to: {}".format(body.get("model"), prompt or "(empty prompt)")
     prompt_tokens = 2 + sum(
         4 + count_tokens(_text_of(m.get("content"))) for m in messages if isinstance(m, dict)
     )
@@ -101,7 +101,7 @@ def build_completion(body: dict[str, Any], *, created: int | None = None) -> dic
         completion_tokens = limit
         finish_reason = "length"
     return {
-        "id": "chat-%s" % uuid.uuid4().hex,
+        "id": f"chat-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(created if created is not None else time.time()),
         "model": body.get("model"),
@@ -160,13 +160,15 @@ def validate_input_file(path: str, *, max_errors: int = 100) -> tuple[int, list[
             if not isinstance(custom_id, str) or not custom_id:
                 error("missing_required_parameter", "custom_id is required.", "custom_id", line_no)
             elif custom_id in seen:
-                error("duplicate_custom_id", "The custom_id %r is not unique." % custom_id, "custom_id", line_no)
+                error(
+                    "duplicate_custom_id", f"The custom_id {custom_id!r} is not unique.", "custom_id", line_no
+                )
             else:
                 seen.add(custom_id)
             if str(obj.get("method", "")).upper() != "POST":
                 error("invalid_method", "Only POST is supported.", "method", line_no)
             if obj.get("url") != CHAT_COMPLETIONS_URL:
-                error("invalid_url", "The url must be %s." % CHAT_COMPLETIONS_URL, "url", line_no)
+                error("invalid_url", f"The url must be {CHAT_COMPLETIONS_URL}.", "url", line_no)
             problem = validate_chat_body(obj.get("body"))
             if problem is not None:
                 error("invalid_request", problem[1], problem[0], line_no)

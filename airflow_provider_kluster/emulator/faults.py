@@ -55,7 +55,7 @@ def normalize_route(route: str) -> str:
     path = _PLACEHOLDER.sub("{id}", path.strip())
     if len(path) > 1:
         path = path.rstrip("/")
-    return "%s %s" % (method.upper(), path)
+    return f"{method.upper()} {path}"
 
 
 @dataclass
@@ -144,7 +144,7 @@ def rule_from_dict(data: dict[str, Any]) -> FaultRule:
     """Build a :class:`FaultRule` from a JSON-ish dict (unknown keys are rejected)."""
     unknown = set(data) - _RULE_FIELDS - {"id", "fired", "exhausted"}
     if unknown:
-        raise ValueError("unknown fault keys: %s" % ", ".join(sorted(unknown)))
+        raise ValueError("unknown fault keys: {}".format(", ".join(sorted(unknown))))
     kwargs = {k: v for k, v in data.items() if k in _RULE_FIELDS}
     return FaultRule(**kwargs)
 
@@ -177,7 +177,7 @@ def parse_fault_spec(spec: str) -> dict[str, Any]:
         elif key == "message":
             kwargs[key] = value
         else:
-            raise ValueError("unknown fault option %r in %r" % (key, spec))
+            raise ValueError(f"unknown fault option {key!r} in {spec!r}")
     return kwargs
 
 
@@ -275,7 +275,9 @@ class FaultInjector:
         status = status.lower()
         if status not in STICKABLE_STATUSES:
             raise ValueError(
-                "cannot stick in %r; choose one of %s" % (status, ", ".join(sorted(STICKABLE_STATUSES))),
+                "cannot stick in {!r}; choose one of {}".format(
+                    status, ", ".join(sorted(STICKABLE_STATUSES))
+                ),
             )
         with self._lock:
             self._stuck[batch_id] = status
@@ -327,12 +329,12 @@ class FaultInjector:
             return
         unknown = set(data) - {"rules", "stuck", "fail_share", "cancel_delay"}
         if unknown:
-            raise ValueError("unknown keys: %s" % ", ".join(sorted(unknown)))
+            raise ValueError("unknown keys: {}".format(", ".join(sorted(unknown))))
         rules = [rule_from_dict(r) for r in data.get("rules") or []]
         stuck = data.get("stuck") or {}
         for status in stuck.values():
             if str(status).lower() not in STICKABLE_STATUSES:
-                raise ValueError("cannot stick in %r" % status)
+                raise ValueError(f"cannot stick in {status!r}")
         with self._lock:
             if replace:
                 self._rules.clear()

@@ -96,13 +96,13 @@ class EmulatorServer:
     @property
     def base_url(self) -> str:
         """``http://<host>:<port>/v1`` (what an OpenAI client's ``base_url`` needs)."""
-        return "%s/v1" % self.root_url
+        return f"{self.root_url}/v1"
 
     @property
     def root_url(self) -> str:
         """``http://<host>:<port>`` (admin endpoints live under ``/_emulator``)."""
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "http://%s:%d" % (host, self.port)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def api_key(self) -> str:
@@ -131,22 +131,23 @@ class EmulatorServer:
             timeout_keep_alive=self.timeout_keep_alive,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name="kluster-emulator-%d" % self.port, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"kluster-emulator-{self.port}", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if self._error is not None or not self._thread.is_alive():
                 self.stop()
-                raise RuntimeError("kluster emulator failed to start: %r" % self._error)
+                raise RuntimeError(f"kluster emulator failed to start: {self._error!r}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("kluster emulator did not start within %s s" % timeout)
+                raise RuntimeError(f"kluster emulator did not start within {timeout} s")
             time.sleep(0.01)
         log.info("kluster emulator listening on %s", self.base_url)
         return self
 
     def _run(self) -> None:
-        assert self._server is not None and self._sock is not None
+        assert self._server is not None
+        assert self._sock is not None
         try:
             self._server.run(sockets=[self._sock])
         except BaseException as exc:  # pragma: no cover - reported by start()

@@ -49,7 +49,7 @@ EXPIRABLE_STATUSES = frozenset({"pre_schedule", "validating", "in_progress"})
 
 _WINDOW_RE = re.compile(r"^(\d+)h$")
 #: Accepted completion windows: 24h/48h/72h today, 1h–12h earlier, ``asap`` in the spec (treated as 24h).
-ALLOWED_WINDOWS = frozenset({"24h", "48h", "72h", "asap"} | {"%dh" % h for h in range(1, 13)})
+ALLOWED_WINDOWS = frozenset({"24h", "48h", "72h", "asap"} | {f"{h}h" for h in range(1, 13)})
 
 _TIMESTAMP_FIELDS = (
     "created_at",
@@ -350,7 +350,7 @@ class KlusterEmulator:
         """
         file_id = new_object_id()
         name = self._safe_name(filename)
-        return file_id, self._file_dir(file_id) / name, "/data/uploads/%s/%s" % (file_id, name)
+        return file_id, self._file_dir(file_id) / name, f"/data/uploads/{file_id}/{name}"
 
     def register_file(
         self,
@@ -514,7 +514,7 @@ class KlusterEmulator:
             if batch is None:
                 raise KeyError(batch_id)
             if batch.status in TERMINAL_STATUSES:
-                raise ValueError("Cannot cancel a batch with status '%s'." % batch.status)
+                raise ValueError(f"Cannot cancel a batch with status '{batch.status}'.")
             self._counters["cancels"] += 1
             if batch.status == "cancelling":
                 return batch
@@ -532,7 +532,7 @@ class KlusterEmulator:
         """
         status = status.lower()
         if status not in ALL_STATUSES:
-            raise ValueError("unknown status %r" % status)
+            raise ValueError(f"unknown status {status!r}")
         with self._lock:
             batch = self._batches.get(batch_id)
             if batch is None:
@@ -541,13 +541,20 @@ class KlusterEmulator:
                 errors = None
                 if status == "failed" and not batch.errors:
                     errors = _error_list(
-                        [{"code": "forced", "message": "Status forced by the emulator.", "param": None, "line": None}],
+                        [
+                            {
+                                "code": "forced",
+                                "message": "Status forced by the emulator.",
+                                "param": None,
+                                "line": None,
+                            }
+                        ],
                     )
                 self._finish_locked(batch, status, errors=errors)
             else:
                 batch.status = status
                 if status != "pre_schedule" and status != "validating":
-                    batch.timestamps.setdefault("%s_at" % status, time.time())
+                    batch.timestamps.setdefault(f"{status}_at", time.time())
             return self.batch_json(batch)
 
     # ------------------------------------------------------------------ lifecycle
@@ -586,7 +593,7 @@ class KlusterEmulator:
                 return False
             batch.status = new
             if new in ("in_progress", "finalizing"):
-                batch.timestamps["%s_at" % new] = time.time()
+                batch.timestamps[f"{new}_at"] = time.time()
             return True
 
     async def _run_batch(self, batch: BatchRecord) -> None:
@@ -600,14 +607,17 @@ class KlusterEmulator:
                 return
             rec = self.get_file(batch.input_file_id)
             if rec is None:
-                total, errors = 0, [
-                    {
-                        "code": "file_not_found",
-                        "message": "Input file %s no longer exists." % batch.input_file_id,
-                        "param": "input_file_id",
-                        "line": None,
-                    },
-                ]
+                total, errors = (
+                    0,
+                    [
+                        {
+                            "code": "file_not_found",
+                            "message": f"Input file {batch.input_file_id} no longer exists.",
+                            "param": "input_file_id",
+                            "line": None,
+                        },
+                    ],
+                )
             else:
                 total, errors = await asyncio.to_thread(validate_input_file, str(rec.path))
             with self._lock:
@@ -621,8 +631,8 @@ class KlusterEmulator:
                 batch_dir.mkdir(parents=True, exist_ok=True)
                 batch.out_path = batch_dir / "output.jsonl"
                 batch.err_path = batch_dir / "errors.jsonl"
-                batch.out_fh = open(batch.out_path, "wb")  # noqa: SIM115 - closed on finish
-                batch.err_fh = open(batch.err_path, "wb")  # noqa: SIM115 - closed on finish
+                batch.out_fh = open(batch.out_path, "wb")
+                batch.err_fh = open(batch.err_path, "wb")
             if not self._advance(batch, "validating", "in_progress"):
                 return
             assert rec is not None
@@ -655,15 +665,17 @@ class KlusterEmulator:
         :return: ``True`` when all requests ran and the batch is still ``in_progress``.
         """
         rps = self.config.requests_per_second
-        rng = random.Random("%s-%s" % (self.config.seed, batch.seq))
+        rng = random.Random(f"{self.config.seed}-{batch.seq}")
         upstream = None
         if self.config.upstream_url:
             import httpx
 
             headers = {}
             if self.config.upstream_api_key:
-                headers["Authorization"] = "Bearer %s" % self.config.upstream_api_key
-            upstream = httpx.AsyncClient(base_url=self.config.upstream_url.rstrip("/"), headers=headers, timeout=600)
+                headers["Authorization"] = f"Bearer {self.config.upstream_api_key}"
+            upstream = httpx.AsyncClient(
+                base_url=self.config.upstream_url.rstrip("/"), headers=headers, timeout=600
+            )
         try:
             start = time.monotonic()
             done = 0
@@ -715,8 +727,8 @@ class KlusterEmulator:
         async def one(raw: bytes) -> tuple[bool, dict[str, Any]]:
             req = json.loads(raw)
             body = req["body"]
-            line_id = "batch_req_%s" % secrets.token_hex(12)
-            request_id = "req_%s" % secrets.token_hex(12)
+            line_id = f"batch_req_{secrets.token_hex(12)}"
+            request_id = f"req_{secrets.token_hex(12)}"
 
             def error(status: int, message: str, etype: str, code: str) -> tuple[bool, dict[str, Any]]:
                 return False, {
@@ -731,7 +743,10 @@ class KlusterEmulator:
 
             if body["model"] not in models:
                 return error(
-                    400, "The model `%s` does not exist." % body["model"], "invalid_request_error", "model_not_found"
+                    400,
+                    "The model `{}` does not exist.".format(body["model"]),
+                    "invalid_request_error",
+                    "model_not_found",
                 )
             if self.faults.should_fail_request():
                 return error(500, "Injected failure (emulator fail_share).", "server_error", "internal_error")
@@ -743,11 +758,15 @@ class KlusterEmulator:
                     except ValueError:
                         resp_body = {"error": {"message": resp.text, "type": "upstream_error", "code": None}}
                 except Exception as exc:  # network errors become request failures
-                    return error(502, "Upstream request failed: %s" % exc, "server_error", "upstream_error")
+                    return error(502, f"Upstream request failed: {exc}", "server_error", "upstream_error")
                 line = {
                     "id": line_id,
                     "custom_id": req["custom_id"],
-                    "response": {"status_code": resp.status_code, "request_id": request_id, "body": resp_body},
+                    "response": {
+                        "status_code": resp.status_code,
+                        "request_id": request_id,
+                        "body": resp_body,
+                    },
                 }
                 return resp.status_code < 400, line
             return True, {
@@ -786,7 +805,7 @@ class KlusterEmulator:
         """Move a batch to a terminal status and publish its output/error files (lock held)."""
         self._close_handles(batch)
         batch.status = status
-        batch.timestamps["%s_at" % status] = time.time()
+        batch.timestamps[f"{status}_at"] = time.time()
         if errors is not None:
             batch.errors = errors
         if status == "failed":
@@ -803,7 +822,7 @@ class KlusterEmulator:
             self.register_file(
                 file_id,
                 path,
-                filename="/data/batches/%s/%s_%s.jsonl" % (batch.id, name, file_id),
+                filename=f"/data/batches/{batch.id}/{name}_{file_id}.jsonl",
                 purpose="batch_output",
             )
             setattr(batch, attr, file_id)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from importlib.metadata import entry_points
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ import pytest
 
 from airflow_provider_kluster.emulator import EmulatorServer, KlusterEmulator, parse_fault_spec
 
-if not any(ep.value == "airflow_provider_kluster.emulator.pytest_plugin" for ep in entry_points(group="pytest11")):
+if not any(
+    ep.value == "airflow_provider_kluster.emulator.pytest_plugin" for ep in entry_points(group="pytest11")
+):
     # package not installed: load the fixtures the pytest11 entry point would provide
     from airflow_provider_kluster.emulator.pytest_plugin import (  # noqa: F401
         kluster_emulator,
@@ -34,10 +36,10 @@ TERMINAL = {"completed", "failed", "expired", "cancelled"}
 def make_lines(n: int, model: str = MODEL, prefix: str = "req") -> bytes:
     lines = [
         {
-            "custom_id": "%s-%d" % (prefix, i),
+            "custom_id": f"{prefix}-{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"model": model, "messages": [{"role": "user", "content": "Question %d?" % i}]},
+            "body": {"model": model, "messages": [{"role": "user", "content": f"Question {i}?"}]},
         }
         for i in range(n)
     ]
@@ -45,7 +47,7 @@ def make_lines(n: int, model: str = MODEL, prefix: str = "req") -> bytes:
 
 
 @pytest.fixture
-def server(kluster_emulator: EmulatorServer) -> EmulatorServer:  # noqa: F811
+def server(kluster_emulator: EmulatorServer) -> EmulatorServer:
     return kluster_emulator
 
 
@@ -53,7 +55,7 @@ def server(kluster_emulator: EmulatorServer) -> EmulatorServer:  # noqa: F811
 def client(server: EmulatorServer) -> Iterator[httpx.Client]:
     with httpx.Client(
         base_url=server.base_url,
-        headers={"Authorization": "Bearer %s" % server.api_key},
+        headers={"Authorization": f"Bearer {server.api_key}"},
         timeout=10,
     ) as c:
         yield c
@@ -66,24 +68,31 @@ def upload(client: httpx.Client, content: bytes, name: str = "input.jsonl") -> d
 
 
 def create_batch(client: httpx.Client, file_id: str, window: str = "24h", **extra: Any) -> dict[str, Any]:
-    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": window, **extra}
+    body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": window,
+        **extra,
+    }
     resp = client.post("/batches", json=body)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
 
-def wait_for(client: httpx.Client, batch_id: str, statuses: set[str], timeout: float = 10.0) -> dict[str, Any]:
+def wait_for(
+    client: httpx.Client, batch_id: str, statuses: set[str], timeout: float = 10.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        batch = client.get("/batches/%s" % batch_id).json()
+        batch = client.get(f"/batches/{batch_id}").json()
         if batch["status"] in statuses:
             return batch
-        assert time.monotonic() < deadline, "batch stuck in %s" % batch["status"]
+        assert time.monotonic() < deadline, "batch stuck in {}".format(batch["status"])
         time.sleep(0.02)
 
 
 def jsonl(client: httpx.Client, file_id: str) -> list[dict[str, Any]]:
-    resp = client.get("/files/%s/content" % file_id)
+    resp = client.get(f"/files/{file_id}/content")
     assert resp.status_code == 200, resp.text
     return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
 
@@ -108,7 +117,8 @@ def test_models_cover_documented_ids(client: httpx.Client) -> None:
     for path in list(EXAMPLES.glob("*.jsonl")) + [EXAMPLES.parent / "batch-guide.txt"]:
         text = path.read_text()
         used |= {chunk.split('"')[0] for chunk in text.split('"model": "')[1:]}
-    assert used and used <= ids
+    assert used
+    assert used <= ids
 
 
 def test_chat_completions(server: EmulatorServer) -> None:
@@ -121,9 +131,10 @@ def test_chat_completions(server: EmulatorServer) -> None:
     raw = httpx.post(
         server.base_url + "/chat/completions",
         json=body,
-        headers={"Authorization": "Bearer %s" % server.api_key},
+        headers={"Authorization": f"Bearer {server.api_key}"},
     ).json()
-    assert raw["prompt_logprobs"] is None and raw["choices"][0]["stop_reason"] is None
+    assert raw["prompt_logprobs"] is None
+    assert raw["choices"][0]["stop_reason"] is None
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="nope/model", messages=[{"role": "user", "content": "x"}])
 
@@ -133,18 +144,25 @@ def test_file_upload_get_list_delete(client: httpx.Client) -> None:
     content = (EXAMPLES / "batch_input.jsonl").read_bytes()
     meta = upload(client, content, "mybatch.jsonl")
     assert set(meta) == {"id", "object", "bytes", "created_at", "filename", "purpose"}
-    assert len(meta["id"]) == 24 and int(meta["id"], 16) >= 0
-    assert meta["bytes"] == len(content) and meta["purpose"] == "batch"
-    assert meta["filename"] == "/data/uploads/%s/mybatch.jsonl" % meta["id"]
+    assert len(meta["id"]) == 24
+    assert int(meta["id"], 16) >= 0
+    assert meta["bytes"] == len(content)
+    assert meta["purpose"] == "batch"
+    assert meta["filename"] == "/data/uploads/{}/mybatch.jsonl".format(meta["id"])
     assert meta["created_at"].isdigit()
-    assert client.get("/files/%s" % meta["id"]).json() == meta
+    assert client.get("/files/{}".format(meta["id"])).json() == meta
     listing = client.get("/files").json()
     assert [f["id"] for f in listing["data"]] == [meta["id"]]
-    assert client.get("/files/%s/content" % meta["id"]).content == content
-    assert client.delete("/files/%s" % meta["id"]).json() == {"id": meta["id"], "object": "file", "deleted": True}
-    resp = client.get("/files/%s" % meta["id"])
-    assert resp.status_code == 404 and resp.json()["errorCode"] == -1
-    assert client.get("/files/%s/content" % meta["id"]).status_code == 404
+    assert client.get("/files/{}/content".format(meta["id"])).content == content
+    assert client.delete("/files/{}".format(meta["id"])).json() == {
+        "id": meta["id"],
+        "object": "file",
+        "deleted": True,
+    }
+    resp = client.get("/files/{}".format(meta["id"]))
+    assert resp.status_code == 404
+    assert resp.json()["errorCode"] == -1
+    assert client.get("/files/{}/content".format(meta["id"])).status_code == 404
 
 
 def test_upload_too_large_rejected(server: EmulatorServer, client: httpx.Client) -> None:
@@ -158,14 +176,14 @@ def test_upload_too_large_rejected(server: EmulatorServer, client: httpx.Client)
 def test_range_download(server: EmulatorServer, client: httpx.Client) -> None:
     content = bytes(range(256)) * 64
     file_id = server.emulator.add_file(content, filename="blob.bin")
-    resp = client.get("/files/%s/content" % file_id, headers={"Range": "bytes=100-199"})
+    resp = client.get(f"/files/{file_id}/content", headers={"Range": "bytes=100-199"})
     assert resp.status_code == 206
     assert resp.content == content[100:200]
-    assert resp.headers["content-range"] == "bytes 100-199/%d" % len(content)
+    assert resp.headers["content-range"] == f"bytes 100-199/{len(content)}"
     # resume a "broken" download from an offset
-    with client.stream("GET", "/files/%s/content" % file_id) as stream:
+    with client.stream("GET", f"/files/{file_id}/content") as stream:
         first = next(stream.iter_bytes(1000))[:1000]
-    rest = client.get("/files/%s/content" % file_id, headers={"Range": "bytes=%d-" % len(first)})
+    rest = client.get(f"/files/{file_id}/content", headers={"Range": f"bytes={len(first)}-"})
     assert rest.status_code == 206
     assert first + rest.content == content
 
@@ -174,18 +192,20 @@ def test_add_file_from_path_in_place(server: EmulatorServer, client: httpx.Clien
     path = tmp_path / "bench.jsonl"
     path.write_bytes(make_lines(3))
     file_id = server.emulator.add_file(path, copy=False)
-    assert client.get("/files/%s/content" % file_id).content == path.read_bytes()
-    assert client.delete("/files/%s" % file_id).status_code == 200
+    assert client.get(f"/files/{file_id}/content").content == path.read_bytes()
+    assert client.delete(f"/files/{file_id}").status_code == 200
     assert path.exists()
     gen_id = server.emulator.add_file(iter([b"a\n", b"b\n"]), purpose="batch")
-    assert client.get("/files/%s/content" % gen_id).content == b"a\nb\n"
+    assert client.get(f"/files/{gen_id}/content").content == b"a\nb\n"
 
 
 # --------------------------------------------------------------------------- batch lifecycle
 def test_batch_lifecycle_httpx(server: EmulatorServer, client: httpx.Client) -> None:
     content = (EXAMPLES / "batch_input_multimodel.jsonl").read_bytes() + make_lines(1, model="no/such-model")
     file_id = upload(client, content)["id"]
-    created = create_batch(client, file_id, metadata={"@kluster.ai": {"greedy": True, "strict_completion_window": False}})
+    created = create_batch(
+        client, file_id, metadata={"@kluster.ai": {"greedy": True, "strict_completion_window": False}}
+    )
     assert created["status"] == "pre_schedule"
     assert len(created["id"]) == 24
     for key in ("output_file_id", "error_file_id", "cancelled_at", "completed_at"):
@@ -195,7 +215,7 @@ def test_batch_lifecycle_httpx(server: EmulatorServer, client: httpx.Client) -> 
     seen = set()
     deadline = time.monotonic() + 10
     while True:
-        batch = client.get("/batches/%s" % created["id"]).json()
+        batch = client.get("/batches/{}".format(created["id"])).json()
         seen.add(batch["status"])
         if batch["status"] in TERMINAL:
             break
@@ -212,7 +232,8 @@ def test_batch_lifecycle_httpx(server: EmulatorServer, client: httpx.Client) -> 
     for line in out:
         assert line["response"]["status_code"] == 200
         body = line["response"]["body"]
-        assert body["object"] == "chat.completion" and "stop_reason" in body["choices"][0]
+        assert body["object"] == "chat.completion"
+        assert "stop_reason" in body["choices"][0]
     models = {line["response"]["body"]["model"] for line in out}
     assert len(models) == 3
     errors = jsonl(client, batch["error_file_id"])
@@ -226,7 +247,9 @@ def test_batch_lifecycle_openai_sdk(server: EmulatorServer) -> None:
     oai = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
     content = make_lines(25)
     file_obj = oai.files.create(file=("batch.jsonl", content), purpose="batch")
-    batch = oai.batches.create(input_file_id=file_obj.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = oai.batches.create(
+        input_file_id=file_obj.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     deadline = time.monotonic() + 10
     while batch.status not in TERMINAL:
         assert time.monotonic() < deadline
@@ -236,7 +259,7 @@ def test_batch_lifecycle_openai_sdk(server: EmulatorServer) -> None:
     assert batch.request_counts.completed == 25
     lines = [json.loads(x) for x in oai.files.content(batch.output_file_id).content.splitlines()]
     ids = [line["custom_id"] for line in lines]
-    assert sorted(ids) == sorted("req-%d" % i for i in range(25))
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(25))
     assert ids != sorted(ids, key=lambda x: int(x.split("-")[1]))  # order is (deterministically) shuffled
     assert batch.error_file_id is None
 
@@ -246,7 +269,8 @@ def test_int_timestamps_mode(server: EmulatorServer, client: httpx.Client) -> No
     file_id = upload(client, make_lines(1))["id"]
     created = create_batch(client, file_id)
     assert isinstance(created["created_at"], int)
-    assert created["output_file_id"] is None and created["cancelled_at"] is None
+    assert created["output_file_id"] is None
+    assert created["cancelled_at"] is None
     listing = client.get("/batches").json()
     assert "items_per_page" not in listing
 
@@ -256,7 +280,10 @@ def test_int_timestamps_mode(server: EmulatorServer, client: httpx.Client) -> No
     [
         (b"this is not json\n" + make_lines(1), "invalid_json_line"),
         (b"", "empty_file"),
-        (b'{"custom_id": "a", "method": "GET", "url": "/v1/embeddings", "body": {"model": "m"}}\n', "invalid_method"),
+        (
+            b'{"custom_id": "a", "method": "GET", "url": "/v1/embeddings", "body": {"model": "m"}}\n',
+            "invalid_method",
+        ),
     ],
 )
 def test_invalid_input_fails(client: httpx.Client, content: bytes, code: str) -> None:
@@ -279,7 +306,8 @@ def test_create_batch_validation(client: httpx.Client) -> None:
     for window in ("48h", "72h", "1h", "12h", "asap"):
         assert client.post("/batches", json={**base, "completion_window": window}).status_code == 200
     resp = client.post("/batches", json={**base, "input_file_id": "0" * 24})
-    assert resp.status_code == 404 and resp.json()["errorCode"] == -1
+    assert resp.status_code == 404
+    assert resp.json()["errorCode"] == -1
     assert client.post("/batches", json={**base, "metadata": "x"}).status_code == 400
     assert client.post("/batches", json={**base, "metadata": None}).json()["metadata"] is None
     assert client.get("/batches/%s" % ("f" * 24)).status_code == 404
@@ -303,7 +331,7 @@ def test_stick_batch_then_expire(server: EmulatorServer, client: httpx.Client) -
     file_id = upload(client, make_lines(2))["id"]
     batch_id = create_batch(client, file_id, window="1h")["id"]
     time.sleep(0.2)
-    assert client.get("/batches/%s" % batch_id).json()["status"] == "validating"
+    assert client.get(f"/batches/{batch_id}").json()["status"] == "validating"
     batch = wait_for(client, batch_id, TERMINAL)
     assert batch["status"] == "expired"
     assert "output_file_id" not in batch
@@ -314,10 +342,10 @@ def test_cancel_keeps_partial_output(server: EmulatorServer, client: httpx.Clien
     file_id = upload(client, make_lines(400))["id"]
     batch_id = create_batch(client, file_id)["id"]
     deadline = time.monotonic() + 5
-    while client.get("/batches/%s" % batch_id).json()["request_counts"]["completed"] < 3:
+    while client.get(f"/batches/{batch_id}").json()["request_counts"]["completed"] < 3:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    resp = client.post("/batches/%s/cancel" % batch_id, json={})
+    resp = client.post(f"/batches/{batch_id}/cancel", json={})
     assert resp.status_code == 200
     assert resp.json()["status"] == "cancelling"
     assert resp.json()["cancelling_at"].isdigit()
@@ -330,7 +358,7 @@ def test_cancel_keeps_partial_output(server: EmulatorServer, client: httpx.Clien
     assert len(jsonl(client, batch["output_file_id"])) == done
     assert server.emulator.counters["cancels"] == 1
     # cancelling a terminal batch is refused
-    resp = client.post("/batches/%s/cancel" % batch_id, json={})
+    resp = client.post(f"/batches/{batch_id}/cancel", json={})
     assert resp.status_code == 400
     assert "cancelled" in resp.json()["error"]["message"]
 
@@ -339,13 +367,14 @@ def test_cancel_empty_json_body_quirk(server: EmulatorServer, client: httpx.Clie
     server.emulator.faults.stick_batch("*", "pre_schedule")
     file_id = upload(client, make_lines(1))["id"]
     batch_id = create_batch(client, file_id)["id"]
-    resp = client.post("/batches/%s/cancel" % batch_id, headers={"Content-Type": "application/json"})
+    resp = client.post(f"/batches/{batch_id}/cancel", headers={"Content-Type": "application/json"})
     assert resp.status_code == 500
     assert resp.json() == {"message": "Unexpected end of JSON input", "errorCode": -1}
-    assert client.get("/batches/%s" % batch_id).json()["status"] == "pre_schedule"
-    resp = client.post("/batches/%s/cancel" % batch_id)  # no content type, empty body
-    assert resp.status_code == 200 and resp.json()["status"] == "cancelling"
-    assert client.post("/batches/%s/cancel" % batch_id, json={}).json()["status"] == "cancelling"
+    assert client.get(f"/batches/{batch_id}").json()["status"] == "pre_schedule"
+    resp = client.post(f"/batches/{batch_id}/cancel")  # no content type, empty body
+    assert resp.status_code == 200
+    assert resp.json()["status"] == "cancelling"
+    assert client.post(f"/batches/{batch_id}/cancel", json={}).json()["status"] == "cancelling"
     oai = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
     assert oai.batches.cancel(batch_id, extra_body={}).status == "cancelling"
     assert wait_for(client, batch_id, TERMINAL)["status"] == "cancelled"
@@ -360,8 +389,11 @@ def test_list_pagination(server: EmulatorServer, client: httpx.Client) -> None:
     page = client.get("/batches", params={"limit": 2}).json()
     assert [b["id"] for b in page["data"]] == newest_first[:2]
     assert page["has_more"] is True
-    assert page["first_id"] == newest_first[0] and page["last_id"] == newest_first[1]
-    assert page["page_count"] == -1 and page["items_per_page"] == 9223372036854775807 and page["count"] == 2
+    assert page["first_id"] == newest_first[0]
+    assert page["last_id"] == newest_first[1]
+    assert page["page_count"] == -1
+    assert page["items_per_page"] == 9223372036854775807
+    assert page["count"] == 2
     collected = []
     after = None
     while True:
@@ -391,17 +423,18 @@ def test_fault_times_then_success_with_retry_after(server: EmulatorServer, clien
         assert resp.headers["retry-after"] == "1"
         assert resp.json()["errorCode"] == -1
     assert client.get("/batches").status_code == 200
-    assert rule.fired == 2 and rule.exhausted
+    assert rule.fired == 2
+    assert rule.exhausted
     assert server.emulator.counters["GET /v1/batches"] == 3
 
 
 def test_fault_on_templated_route_and_429(server: EmulatorServer, client: httpx.Client) -> None:
     server.emulator.faults.add("GET /v1/files/{file_id}", status=429, times=1)
     file_id = upload(client, b"x\n")["id"]
-    resp = client.get("/files/%s" % file_id)
+    resp = client.get(f"/files/{file_id}")
     assert resp.status_code == 429
     assert resp.json()["error"]["type"] == "rate_limit_error"
-    assert client.get("/files/%s" % file_id).status_code == 200
+    assert client.get(f"/files/{file_id}").status_code == 200
     assert client.get("/files").status_code == 200
 
 
@@ -454,7 +487,7 @@ def test_fault_spec_parsing() -> None:
         "drop_connection": True,
         "retry_after": 2.0,
     }
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown fault option"):
         parse_fault_spec("GET /v1/models:bogus=1")
 
 
@@ -464,7 +497,8 @@ def test_fail_share(server: EmulatorServer, client: httpx.Client) -> None:
     batch = wait_for(client, create_batch(client, file_id)["id"], TERMINAL)
     assert batch["status"] == "completed"
     counts = batch["request_counts"]
-    assert counts["total"] == 40 and counts["completed"] + counts["failed"] == 40
+    assert counts["total"] == 40
+    assert counts["completed"] + counts["failed"] == 40
     assert 5 < counts["failed"] < 35
     errors = jsonl(client, batch["error_file_id"])
     assert len(errors) == counts["failed"]
@@ -474,23 +508,30 @@ def test_fail_share(server: EmulatorServer, client: httpx.Client) -> None:
 def test_admin_endpoints(server: EmulatorServer, client: httpx.Client) -> None:
     admin = httpx.Client(base_url=server.root_url, timeout=10)
     resp = admin.put("/_emulator/faults", json={"route": "GET /v1/models", "status": 502, "times": 1})
-    assert resp.status_code == 200 and len(resp.json()["rules"]) == 1
+    assert resp.status_code == 200
+    assert len(resp.json()["rules"]) == 1
     assert client.get("/models").status_code == 502
     resp = admin.put(
         "/_emulator/faults",
-        json={"rules": [{"route": "GET /v1/files", "status": 503, "times": 1}], "fail_share": 0.0, "stuck": {"*": "pre_schedule"}},
+        json={
+            "rules": [{"route": "GET /v1/files", "status": 503, "times": 1}],
+            "fail_share": 0.0,
+            "stuck": {"*": "pre_schedule"},
+        },
     )
     assert [r["route"] for r in resp.json()["rules"]] == ["GET /v1/files"]
     assert admin.put("/_emulator/faults", json={"route": "GET /v1/x", "bogus": 1}).status_code == 400
     assert client.get("/files").status_code == 503
     file_id = upload(client, make_lines(2))["id"]
     batch_id = create_batch(client, file_id)["id"]
-    assert admin.get("/_emulator/batches/%s" % batch_id).json()["status"] == "pre_schedule"
-    forced = admin.post("/_emulator/batches/%s/status" % batch_id, json={"status": "failed"})
-    assert forced.status_code == 200 and forced.json()["status"] == "failed"
-    assert client.get("/batches/%s" % batch_id).json()["status"] == "failed"
+    assert admin.get(f"/_emulator/batches/{batch_id}").json()["status"] == "pre_schedule"
+    forced = admin.post(f"/_emulator/batches/{batch_id}/status", json={"status": "failed"})
+    assert forced.status_code == 200
+    assert forced.json()["status"] == "failed"
+    assert client.get(f"/batches/{batch_id}").json()["status"] == "failed"
     counters = admin.get("/_emulator/counters").json()
-    assert counters["GET /v1/models"] == 1 and counters["POST /v1/batches"] == 1
+    assert counters["GET /v1/models"] == 1
+    assert counters["POST /v1/batches"] == 1
     assert admin.delete("/_emulator/faults").json()["rules"] == []
     assert admin.post("/_emulator/reset").json() == {"reset": True}
     assert client.get("/batches").json()["data"] == []
@@ -505,16 +546,20 @@ def test_python_api_force_status_counters_reset(server: EmulatorServer, client: 
     batch_id = create_batch(client, file_id)["id"]
     wait_for(client, batch_id, {"in_progress"})
     raw = emu.set_batch_status(batch_id, "completed")
-    assert raw["status"] == "completed" and "output_file_id" in raw
+    assert raw["status"] == "completed"
+    assert "output_file_id" in raw
     assert emu.get_batch_raw(batch_id)["status"] == "completed"
     assert emu.list_batch_ids() == [batch_id]
     with pytest.raises(KeyError):
         emu.get_batch_raw("nope")
     counters = emu.counters
-    assert counters["POST /v1/batches"] == 1 and counters["batches_created"] == 1
+    assert counters["POST /v1/batches"] == 1
+    assert counters["batches_created"] == 1
     assert counters["GET /v1/batches/{id}"] >= 1
     emu.reset()
-    assert emu.counters == {} and emu.list_batch_ids() == [] and emu.faults.rules == []
+    assert emu.counters == {}
+    assert emu.list_batch_ids() == []
+    assert emu.faults.rules == []
     assert client.get("/files").json()["data"] == []
 
 
@@ -524,7 +569,9 @@ def test_server_context_manager_and_stop_is_quick(tmp_path: Path) -> None:
     with EmulatorServer(api_key="other", data_dir=str(tmp_path)) as srv:
         assert srv.port > 0
         with httpx.Client() as c:  # keep-alive connection open during stop
-            assert c.get(srv.base_url + "/models", headers={"Authorization": "Bearer other"}).status_code == 200
+            assert (
+                c.get(srv.base_url + "/models", headers={"Authorization": "Bearer other"}).status_code == 200
+            )
             srv.stop()
     assert time.monotonic() - start < 5
     with pytest.raises(httpx.ConnectError):
@@ -561,7 +608,9 @@ def test_cli_subprocess() -> None:
         while True:
             try:
                 resp = httpx.get(
-                    "http://127.0.0.1:%d/v1/models" % port, headers={"Authorization": "Bearer cli-key"}, timeout=2
+                    f"http://127.0.0.1:{port}/v1/models",
+                    headers={"Authorization": "Bearer cli-key"},
+                    timeout=2,
                 )
                 break
             except httpx.TransportError:
@@ -570,7 +619,7 @@ def test_cli_subprocess() -> None:
                 time.sleep(0.1)
         assert resp.status_code == 200
         assert resp.json()["data"]
-        batches = "http://127.0.0.1:%d/v1/batches" % port
+        batches = f"http://127.0.0.1:{port}/v1/batches"
         assert httpx.get(batches, headers={"Authorization": "Bearer cli-key"}).status_code == 503
         assert httpx.get(batches, headers={"Authorization": "Bearer cli-key"}).status_code == 200
     finally:
@@ -580,3 +629,16 @@ def test_cli_subprocess() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_upstream_forwarding(server: EmulatorServer, client: httpx.Client) -> None:
+    with EmulatorServer(api_key="upstream-key") as upstream:
+        server.emulator.config.upstream_url = upstream.base_url
+        server.emulator.config.upstream_api_key = "upstream-key"
+        file_id = upload(client, make_lines(3))["id"]
+        batch = wait_for(client, create_batch(client, file_id)["id"], TERMINAL)
+        assert batch["status"] == "completed"
+        assert batch["request_counts"]["completed"] == 3
+        assert upstream.emulator.counters["POST /v1/chat/completions"] == 3
+        lines = jsonl(client, batch["output_file_id"])
+        assert all(line["response"]["body"]["object"] == "chat.completion" for line in lines)
