@@ -52,3 +52,41 @@ class KlusterBadRequestError(KlusterAPIError):
 
 class KlusterTransientAPIError(KlusterAPIError):
     """A connection failure, timeout, 408, 409, 429 or 5xx persisted through every retry."""
+
+
+class KlusterRequestFileError(KlusterError):
+    """A request file or request list is invalid; nothing was uploaded. ``errors`` lists each problem by line."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = list(errors or [])
+
+
+class KlusterBatchError(KlusterError):
+    """A batch ended without completing; carries the batch id, its status and kluster's errors."""
+
+    def __init__(self, message: str, *, batch_id: str, status: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.status = status
+        self.errors = list(errors or [])
+
+
+class KlusterBatchFailedError(KlusterBatchError):
+    """The batch ended ``failed``: kluster rejected its input or could not run it."""
+
+
+class KlusterBatchExpiredError(KlusterBatchError):
+    """The batch ended ``expired``: its completion window passed before every request ran."""
+
+
+class KlusterBatchCancelledError(KlusterBatchError):
+    """The batch ended ``cancelled`` (by a user, on-call, or this provider on kill or timeout)."""
+
+
+class KlusterBatchTimeoutError(KlusterBatchError):
+    """The wait passed its deadline before the batch finished; the batch was cancelled."""
+
+
+class KlusterTooManyFailuresError(KlusterBatchError):
+    """The batch completed, but more of its requests failed than ``max_failed_ratio`` allows."""
