@@ -32,6 +32,25 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_provider_kluster.hooks.kluster"],
             }
         ],
+        "operators": [
+            {
+                "integration-name": "kluster.ai",
+                "python-modules": ["airflow_provider_kluster.operators.kluster"],
+            }
+        ],
+        "sensors": [
+            {
+                "integration-name": "kluster.ai",
+                "python-modules": ["airflow_provider_kluster.sensors.kluster"],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": "kluster.ai",
+                "python-modules": ["airflow_provider_kluster.triggers.kluster"],
+            }
+        ],
+        "extra-links": ["airflow_provider_kluster.links.KlusterBatchLink"],
         "connection-types": [
             {
                 "connection-type": "kluster",

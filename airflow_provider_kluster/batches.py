@@ -44,7 +44,9 @@ class BatchStatus(str, Enum):
             return value
         if not isinstance(value, str):
             return None
-        key = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", value.strip()).replace("-", "_").replace(" ", "_").lower()
+        key = (
+            re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", value.strip()).replace("-", "_").replace(" ", "_").lower()
+        )
         try:
             return cls(key)
         except ValueError:
@@ -188,7 +190,9 @@ class KlusterBatch:
         raw_status = payload.get("status")
         status = BatchStatus.parse(raw_status)
         if status is None:
-            log.warning("Batch %s has a status this provider does not know: %r", payload.get("id"), raw_status)
+            log.warning(
+                "Batch %s has a status this provider does not know: %r", payload.get("id"), raw_status
+            )
         metadata = payload.get("metadata")
         return cls(
             id=str(payload.get("id") or ""),

@@ -50,8 +50,7 @@ class Progress:
         elapsed = now - self.first_time
         rate = (counts.done - self.first_done) / elapsed if elapsed > 0 else 0.0
         line = (
-            f"Batch {batch.id} {batch.status_text}: {counts.done}/{counts.total} done, "
-            f"{counts.failed} failed"
+            f"Batch {batch.id} {batch.status_text}: {counts.done}/{counts.total} done, {counts.failed} failed"
         )
         if rate > 0:
             remaining = max(counts.total - counts.done, 0)
@@ -70,7 +69,9 @@ def _duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def make_event(status: str, batch_id: str, *, batch: KlusterBatch | None = None, message: str) -> dict[str, Any]:
+def make_event(
+    status: str, batch_id: str, *, batch: KlusterBatch | None = None, message: str
+) -> dict[str, Any]:
     """Build the JSON-native payload of the one event a wait ends with."""
     return {
         "status": status,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import tempfile
 
 # Airflow reads its home at import time: isolate it before anything imports airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="kluster-airflow-home-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+# dag.test() runs DAGs from the configured dags folder: the example DAGs are ours.
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(pathlib.Path(__file__).resolve().parents[1] / "example_dags")
 
 import pytest
 
@@ -36,5 +39,7 @@ def emulator(kluster_emulator):
 @pytest.fixture
 def kluster_conn(emulator, monkeypatch):
     """Point ``kluster_default`` at the emulator with fast client retries; return the connection id."""
-    monkeypatch.setenv("AIRFLOW_CONN_KLUSTER_DEFAULT", conn_json(emulator.base_url, max_retries=2, timeout=10))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KLUSTER_DEFAULT", conn_json(emulator.base_url, max_retries=2, timeout=10)
+    )
     return "kluster_default"

@@ -94,7 +94,10 @@ def test_unknown_status_is_kept_and_running_never_success():
         ([], []),
         (["bad line 3", "bad line 9"], ["bad line 3", "bad line 9"]),
         (
-            {"object": "list", "data": [{"code": "invalid_json", "message": "Bad JSON", "param": None, "line": 3}]},
+            {
+                "object": "list",
+                "data": [{"code": "invalid_json", "message": "Bad JSON", "param": None, "line": 3}],
+            },
             ["line 3: Bad JSON (invalid_json)"],
         ),
         ({"object": "list", "data": []}, []),

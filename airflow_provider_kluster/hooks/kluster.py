@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx2
 import openai
-
 from airflow.sdk.bases.hook import BaseHook
+
 from airflow_provider_kluster import DEFAULT_BASE_URL
 from airflow_provider_kluster.batches import KlusterBatch
 from airflow_provider_kluster.exceptions import (
@@ -269,7 +269,9 @@ class KlusterHook(BaseHook):
     def get_conn(self) -> openai.OpenAI:
         """Build a synchronous ``openai.OpenAI`` client pointed at kluster.ai."""
         s = self.settings
-        return openai.OpenAI(base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries)
+        return openai.OpenAI(
+            base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries
+        )
 
     async def get_async_conn(self) -> openai.AsyncOpenAI:
         """Return an ``openai.AsyncOpenAI`` client, shared by every hook in this event loop with the same settings."""
@@ -325,7 +327,10 @@ class KlusterHook(BaseHook):
         try:
             models = self.list_models()
         except KlusterAuthError as exc:
-            return False, f"kluster.ai rejected the API key (HTTP {exc.status_code}) at {self.settings.base_url}."
+            return (
+                False,
+                f"kluster.ai rejected the API key (HTTP {exc.status_code}) at {self.settings.base_url}.",
+            )
         except Exception as exc:
             return False, str(exc)
         return True, f"Connected to {self.settings.base_url}: {len(models)} models available."
@@ -453,14 +458,20 @@ class KlusterHook(BaseHook):
             "completion_window": completion_window,
             "metadata": build_metadata(metadata, kluster_options),
         }
-        data = self._json("post", "/batches", call="create batch on file", resource_id=input_file_id, body=body)
+        data = self._json(
+            "post", "/batches", call="create batch on file", resource_id=input_file_id, body=body
+        )
         batch = KlusterBatch.from_api(data)
-        self.log.info("Created kluster.ai batch %s on file %s (%s)", batch.id, input_file_id, batch.status_text)
+        self.log.info(
+            "Created kluster.ai batch %s on file %s (%s)", batch.id, input_file_id, batch.status_text
+        )
         return batch
 
     def get_batch(self, batch_id: str) -> KlusterBatch:
         """Return a batch, normalized."""
-        return KlusterBatch.from_api(self._json("get", f"/batches/{batch_id}", call="get batch", resource_id=batch_id))
+        return KlusterBatch.from_api(
+            self._json("get", f"/batches/{batch_id}", call="get batch", resource_id=batch_id)
+        )
 
     async def aget_batch(self, batch_id: str) -> KlusterBatch:
         """Return a batch, normalized, without blocking the event loop."""
@@ -520,7 +531,9 @@ class KlusterHook(BaseHook):
         return result
 
 
-def build_metadata(metadata: dict[str, Any] | None, kluster_options: dict[str, bool] | None) -> dict[str, Any]:
+def build_metadata(
+    metadata: dict[str, Any] | None, kluster_options: dict[str, bool] | None
+) -> dict[str, Any]:
     """Merge user metadata and kluster's own options (under ``@kluster.ai``) into one metadata object."""
     merged: dict[str, Any] = dict(metadata or {})
     if kluster_options:

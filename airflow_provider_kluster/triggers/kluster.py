@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+
 from airflow_provider_kluster.batches import BatchStatus, KlusterBatch
 from airflow_provider_kluster.exceptions import KlusterAPIError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
@@ -89,7 +90,11 @@ class KlusterBatchTrigger(BaseTrigger):
             except KlusterAPIError as exc:
                 errors_in_a_row += 1
                 if not exc.is_transient or errors_in_a_row >= self.max_consecutive_errors:
-                    reason = "a permanent error" if not exc.is_transient else f"{errors_in_a_row} failures in a row"
+                    reason = (
+                        "a permanent error"
+                        if not exc.is_transient
+                        else f"{errors_in_a_row} failures in a row"
+                    )
                     yield TriggerEvent(
                         make_event(
                             "error",
@@ -99,7 +104,7 @@ class KlusterBatchTrigger(BaseTrigger):
                         )
                     )
                     return
-                delay = min(self.poll_interval, 2.0 ** errors_in_a_row)
+                delay = min(self.poll_interval, 2.0**errors_in_a_row)
                 self.log.warning(
                     "Polling batch %s failed (%d of %d in a row tolerated); next try in %.0fs: %s",
                     self.batch_id,

@@ -128,10 +128,16 @@ def test_upload_of_a_missing_file_is_a_config_error(hook, tmp_path, emulator):
 
 def test_create_batch_puts_kluster_options_under_their_metadata_key(hook, input_file):
     batch = _submit(
-        hook, input_file, metadata={"team": "ml"}, kluster_options={"greedy": True, "strict_completion_window": False}
+        hook,
+        input_file,
+        metadata={"team": "ml"},
+        kluster_options={"greedy": True, "strict_completion_window": False},
     )
     stored = hook.get_batch(batch.id)
-    assert stored.metadata == {"team": "ml", "@kluster.ai": {"greedy": True, "strict_completion_window": False}}
+    assert stored.metadata == {
+        "team": "ml",
+        "@kluster.ai": {"greedy": True, "strict_completion_window": False},
+    }
     assert stored.completion_window == "24h"
 
 
@@ -296,7 +302,9 @@ def canned(monkeypatch):
 
 def test_published_examples_through_the_hook(canned, tmp_path):
     canned.add("GET", "/v1/batches/mybatch-123", (EXAMPLES / "batches_retrieve.response.json").read_bytes())
-    canned.add("POST", "/v1/batches/mybatch-123/cancel", (EXAMPLES / "batches_cancel.response.json").read_bytes())
+    canned.add(
+        "POST", "/v1/batches/mybatch-123/cancel", (EXAMPLES / "batches_cancel.response.json").read_bytes()
+    )
     canned.add("POST", "/v1/batches", (EXAMPLES / "batches_create.response.json").read_bytes())
     canned.add("GET", "/v1/batches", (EXAMPLES / "batches_list.response.cleaned.json").read_bytes())
     canned.add("POST", "/v1/files", (EXAMPLES / "files_upload.response.json").read_bytes())
@@ -311,7 +319,9 @@ def test_published_examples_through_the_hook(canned, tmp_path):
     cancelling = hook.cancel_batch("mybatch-123")
     assert cancelling.status is BatchStatus.CANCELLING
     assert canned.requests[-1].body == b"{}"
-    assert {k.lower(): v for k, v in canned.requests[-1].headers.items()}["content-type"] == "application/json"
+    assert {k.lower(): v for k, v in canned.requests[-1].headers.items()}[
+        "content-type"
+    ] == "application/json"
 
     created = hook.create_batch("myfile-123", completion_window="24h")
     assert created.status is BatchStatus.VALIDATING
@@ -340,7 +350,12 @@ def test_verbatim_list_example_is_not_json_and_fails_clearly(canned):
             KlusterBadRequestError,
             "completion_window must be 24h (code 4000)",
         ),
-        (404, '{"message": "Batch not found", "errorCode": -1}', KlusterNotFoundError, "Batch not found (code -1)"),
+        (
+            404,
+            '{"message": "Batch not found", "errorCode": -1}',
+            KlusterNotFoundError,
+            "Batch not found (code -1)",
+        ),
         (403, "forbidden by policy", KlusterAuthError, "forbidden by policy"),
         (500, "upstream exploded", KlusterTransientAPIError, "upstream exploded"),
     ],

@@ -44,7 +44,11 @@ def make(batch_id: str, **kwargs) -> KlusterBatchTrigger:
 
 def test_serialize_round_trips_json_native_kwargs_without_the_key(kluster_conn):
     trigger = KlusterBatchTrigger(
-        "b1", kluster_conn_id=kluster_conn, poll_interval=30, deadline=1.8e9, cancel_on_kill=False,
+        "b1",
+        kluster_conn_id=kluster_conn,
+        poll_interval=30,
+        deadline=1.8e9,
+        cancel_on_kill=False,
         max_consecutive_errors=7,
     )
     path, kwargs = trigger.serialize()

@@ -1,0 +1,537 @@
+"""Operators for the kluster.ai batch workflow: upload, submit (and wait), fetch results, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.configuration import conf
+from airflow.sdk import BaseOperator
+
+from airflow_provider_kluster.batches import BatchStatus
+from airflow_provider_kluster.exceptions import (
+    KlusterAPIError,
+    KlusterConfigError,
+    KlusterError,
+    KlusterNotFoundError,
+    KlusterTooManyFailuresError,
+)
+from airflow_provider_kluster.hooks.kluster import COMPLETION_WINDOWS, KlusterHook, as_path
+from airflow_provider_kluster.links import KlusterBatchLink, batch_url
+from airflow_provider_kluster.request_files import (
+    DEFAULT_MAX_REQUESTS,
+    RequestFileSummary,
+    validate_request_file,
+    write_request_file,
+)
+from airflow_provider_kluster.results import join_results
+from airflow_provider_kluster.triggers.kluster import DEFAULT_MAX_CONSECUTIVE_ERRORS, KlusterBatchTrigger
+from airflow_provider_kluster.waiting import raise_for_event, validate_event
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+BATCH_ID_KEY = "batch_id"
+BATCH_URL_KEY = "batch_url"
+MANIFEST_KEY = "manifest"
+
+
+def _default_deferrable() -> bool:
+    return conf.getboolean("operators", "default_deferrable", fallback=False)
+
+
+def _seconds(value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class _RequestInputMixin:
+    """Turn exactly one of ``input_file`` / ``requests`` into a validated, uploaded file id."""
+
+    kluster_conn_id: str
+    input_file: Any
+    requests: Any
+    model: str | None
+    max_completion_tokens: int | None
+    body_defaults: dict[str, Any] | None
+    check_models: bool
+    max_requests: int | None
+    log: Any
+
+    @cached_property
+    def hook(self) -> KlusterHook:
+        """Return the hook of this task's connection."""
+        return KlusterHook(self.kluster_conn_id)
+
+    def _body_defaults(self) -> dict[str, Any]:
+        defaults = dict(self.body_defaults or {})
+        if self.max_completion_tokens is not None:
+            defaults.setdefault("max_completion_tokens", self.max_completion_tokens)
+        return defaults
+
+    def prepare_and_upload(self, workdir: str) -> tuple[str, RequestFileSummary]:
+        """Validate the input locally (nothing is uploaded if it is invalid), upload it, return the file id."""
+        if self.requests is not None:
+            if not isinstance(self.requests, (list, tuple)):
+                raise KlusterConfigError(
+                    f"requests must be a list (of batch lines, chat bodies or prompts), got {type(self.requests).__name__}."
+                )
+            path = as_path(f"{workdir}/requests.jsonl")
+            write_request_file(self.requests, path, model=self.model, body_defaults=self._body_defaults())
+        else:
+            path = as_path(self.input_file)
+        known = self.hook.list_models() if self.check_models else None
+        summary = validate_request_file(path, max_requests=self.max_requests, known_models=known)
+        self.log.info(
+            "Request file %s is valid: %d requests, %d bytes, models %s",
+            summary.path,
+            summary.requests,
+            summary.bytes,
+            ", ".join(summary.models),
+        )
+        return self.hook.upload_file(path), summary
+
+
+def _check_single_input(**sources: Any) -> None:
+    given = [name for name, value in sources.items() if value is not None]
+    if len(given) != 1:
+        names = ", ".join(sources)
+        raise KlusterConfigError(f"Give exactly one of {names}; got {', '.join(given) or 'none'}.")
+
+
+class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
+    """Validate and upload a batch request file, or build one from a list of requests; return the file id.
+
+    :param input_file: A JSONL request file: local path, ``ObjectStoragePath`` or URI (``s3://…``).
+    :param requests: Instead of a file, a list of full batch lines, chat bodies (with ``messages``), or plain
+        prompt strings; written as JSONL, streamed, with stable ``custom_id``s where missing.
+    :param model: Model for requests that name none.
+    :param max_completion_tokens: Default ``max_completion_tokens`` for requests that set none.
+    :param body_defaults: Other default body parameters (``temperature``, …); never override a request's own.
+    :param check_models: Check every model against ``list_models()`` before uploading.
+    :param max_requests: Refuse files with more requests (your plan's per-batch limit); ``None`` for no limit.
+    :param kluster_conn_id: The kluster.ai connection.
+    :return: The uploaded file id.
+    """
+
+    template_fields: Sequence[str] = ("input_file", "requests", "model", "body_defaults")
+    ui_color = "#e8f0ff"
+
+    def __init__(
+        self,
+        *,
+        input_file: Any = None,
+        requests: list[Any] | None = None,
+        model: str | None = None,
+        max_completion_tokens: int | None = None,
+        body_defaults: dict[str, Any] | None = None,
+        check_models: bool = True,
+        max_requests: int | None = DEFAULT_MAX_REQUESTS,
+        kluster_conn_id: str = KlusterHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.input_file = input_file
+        self.requests = requests
+        self.model = model
+        self.max_completion_tokens = max_completion_tokens
+        self.body_defaults = body_defaults
+        self.check_models = check_models
+        self.max_requests = max_requests
+        self.kluster_conn_id = kluster_conn_id
+
+    def execute(self, context: Context) -> str:
+        _check_single_input(input_file=self.input_file, requests=self.requests)
+        with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
+            file_id, _ = self.prepare_and_upload(workdir)
+        return file_id
+
+
+class _BatchWaitMixin:
+    """Wait for a batch: deferred to the triggerer, or polling on the worker; cancel it when killed."""
+
+    kluster_conn_id: str
+    poll_interval: float
+    timeout_seconds: float | None
+    cancel_on_kill: bool
+    max_consecutive_errors: int
+    deferrable: bool
+    log: Any
+    hook: KlusterHook
+    _batch_id: str | None
+
+    def make_trigger(self, batch_id: str, deadline: float | None) -> KlusterBatchTrigger:
+        return KlusterBatchTrigger(
+            batch_id=batch_id,
+            kluster_conn_id=self.kluster_conn_id,
+            poll_interval=self.poll_interval,
+            deadline=deadline,
+            cancel_on_kill=self.cancel_on_kill,
+            max_consecutive_errors=self.max_consecutive_errors,
+        )
+
+    def wait_for_batch(self, context: Context, batch_id: str, deadline: float | None) -> str:
+        """Wait until the batch is terminal; raise unless it completed; return the batch id."""
+        trigger = self.make_trigger(batch_id, deadline)
+        if self.deferrable:
+            # timeout=None: the trigger's own deadline fires a "timeout" event that reaches execute_complete,
+            # which cancels the batch; a framework timeout would skip both (apache/airflow#67360).
+            self.defer(  # type: ignore[attr-defined]
+                trigger=trigger, method_name="execute_complete", kwargs={"batch_id": batch_id}, timeout=None
+            )
+        event = asyncio.run(_first_event(trigger))
+        return self.execute_complete(context, event, batch_id=batch_id)
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, batch_id: str | None = None
+    ) -> str:
+        """Resume after the wait: validate the event, cancel on timeout, raise unless the batch completed."""
+        checked = validate_event(event, batch_id)
+        self._batch_id = checked["batch_id"]
+        self.log.info("%s", checked["message"])
+        if checked["status"] == "timeout":
+            self._cancel(checked["batch_id"], "the wait passed its deadline")
+        raise_for_event(checked)
+        return checked["batch_id"]
+
+    def _cancel(self, batch_id: str, reason: str) -> None:
+        try:
+            batch = self.hook.cancel_batch(batch_id)
+            self.log.warning(
+                "Cancelled batch %s because %s; it is now %s", batch_id, reason, batch.status_text
+            )
+        except KlusterAPIError as exc:
+            self.log.error("Could not cancel batch %s (%s): %s", batch_id, reason, exc)
+
+    def on_kill(self) -> None:
+        """Cancel the batch this task owns when the task is killed on the worker (clear, mark failed, timeout)."""
+        batch_id = getattr(self, "_batch_id", None)
+        if batch_id and self.cancel_on_kill:
+            self._cancel(batch_id, "its task was killed")
+
+
+async def _first_event(trigger: KlusterBatchTrigger) -> dict[str, Any]:
+    async for event in trigger.run():
+        return event.payload
+    raise KlusterError(f"The wait for batch {trigger.batch_id} ended without an event.")
+
+
+class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperator):
+    """Validate, upload and submit a batch; optionally wait for it to finish.
+
+    Input is exactly one of ``input_file``, ``input_file_id`` or ``requests``. The batch id and its platform URL go
+    to XCom (keys ``batch_id`` and ``batch_url``) *before* any wait, so the UI link works even if the wait fails.
+
+    :param input_file: A JSONL request file: local path, ``ObjectStoragePath`` or URI.
+    :param input_file_id: An already uploaded file (not validated again).
+    :param requests: A list of full batch lines, chat bodies or prompt strings (see the upload operator).
+    :param model: Model for requests that name none.
+    :param max_completion_tokens: Default ``max_completion_tokens`` for requests that set none.
+    :param body_defaults: Other default body parameters; never override a request's own.
+    :param completion_window: ``24h``, ``48h`` or ``72h``.
+    :param metadata: Your metadata, kept on the batch.
+    :param kluster_options: ``greedy``, ``strict_completion_window``, ``remove_input_after_processing``.
+    :param check_models: Check every model against ``list_models()`` before uploading.
+    :param max_requests: Refuse files with more requests (your plan's per-batch limit); ``None`` for no limit.
+    :param wait_for_completion: Wait until the batch finishes; fail unless it completed.
+    :param deferrable: Wait in the triggerer, freeing the worker slot (default ``[operators] default_deferrable``).
+    :param poll_interval: Seconds between polls while waiting.
+    :param timeout: Longest wait (seconds or timedelta) counted from submission; the batch is cancelled when it
+        passes. ``None`` waits for kluster to end the batch (its completion window bounds it).
+    :param cancel_on_kill: Cancel the batch when the task is killed, cleared or marked failed.
+    :param max_consecutive_errors: Transient poll failures tolerated in a row.
+    :param kluster_conn_id: The kluster.ai connection.
+    :return: The batch id.
+    """
+
+    template_fields: Sequence[str] = (
+        "input_file",
+        "input_file_id",
+        "requests",
+        "model",
+        "body_defaults",
+        "completion_window",
+        "metadata",
+    )
+    operator_extra_links = (KlusterBatchLink(),)
+    ui_color = "#e8f0ff"
+
+    def __init__(
+        self,
+        *,
+        input_file: Any = None,
+        input_file_id: str | None = None,
+        requests: list[Any] | None = None,
+        model: str | None = None,
+        max_completion_tokens: int | None = None,
+        body_defaults: dict[str, Any] | None = None,
+        completion_window: str = "24h",
+        metadata: dict[str, Any] | None = None,
+        kluster_options: dict[str, bool] | None = None,
+        check_models: bool = True,
+        max_requests: int | None = DEFAULT_MAX_REQUESTS,
+        wait_for_completion: bool = False,
+        deferrable: bool = _default_deferrable(),
+        poll_interval: float = 60.0,
+        timeout: timedelta | float | None = None,
+        cancel_on_kill: bool = True,
+        max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
+        kluster_conn_id: str = KlusterHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.input_file = input_file
+        self.input_file_id = input_file_id
+        self.requests = requests
+        self.model = model
+        self.max_completion_tokens = max_completion_tokens
+        self.body_defaults = body_defaults
+        self.completion_window = completion_window
+        self.metadata = metadata
+        self.kluster_options = kluster_options
+        self.check_models = check_models
+        self.max_requests = max_requests
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.timeout_seconds = _seconds(timeout)
+        self.cancel_on_kill = cancel_on_kill
+        self.max_consecutive_errors = max_consecutive_errors
+        self.kluster_conn_id = kluster_conn_id
+        self._batch_id: str | None = None
+
+    def execute(self, context: Context) -> str:
+        _check_single_input(
+            input_file=self.input_file, input_file_id=self.input_file_id, requests=self.requests
+        )
+        if self.completion_window not in COMPLETION_WINDOWS:
+            raise KlusterConfigError(
+                f"completion_window {self.completion_window!r} is not one kluster.ai accepts: "
+                f"use one of {', '.join(COMPLETION_WINDOWS)}."
+            )
+        if self.input_file_id is not None:
+            file_id = self.input_file_id
+        else:
+            with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
+                file_id, _ = self.prepare_and_upload(workdir)
+        submitted_at = time.time()
+        batch = self.hook.create_batch(
+            file_id,
+            completion_window=self.completion_window,
+            metadata=self.metadata,
+            kluster_options=self.kluster_options,
+        )
+        self._batch_id = batch.id
+        url = batch_url(self.hook.settings.platform_url, batch.id)
+        context["ti"].xcom_push(key=BATCH_ID_KEY, value=batch.id)
+        context["ti"].xcom_push(key=BATCH_URL_KEY, value=url)
+        KlusterBatchLink.persist(context, url)
+        self.log.info("Submitted batch %s (%s): %s", batch.id, batch.status_text, url)
+        if not self.wait_for_completion:
+            return batch.id
+        deadline = submitted_at + self.timeout_seconds if self.timeout_seconds else None
+        return self.wait_for_batch(context, batch.id, deadline)
+
+
+class KlusterGetBatchResultsOperator(BaseOperator):
+    """Download a finished batch's output and error files, join them to every request, return a manifest.
+
+    Files written under ``destination`` (a local directory, ``ObjectStoragePath`` or URI): ``<batch>.output.jsonl``,
+    ``<batch>.errors.jsonl`` (when kluster wrote one) and ``<batch>.results.jsonl`` — one record per request
+    ``{custom_id, status: succeeded|failed|missing, content, finish_reason, usage, error, …}``. Each file is streamed
+    and written through a temporary name, so re-running the task is safe.
+
+    :param batch_id: The batch (templated; e.g. ``{{ ti.xcom_pull(task_ids='submit') }}``).
+    :param destination: Where the files go.
+    :param max_failed_ratio: Fail the task when more than this share of requests failed or are missing
+        (``0.0`` fails on any failure; ``None`` never fails on failures).
+    :param return_records: Put up to this many parsed records in the manifest (for small batches).
+    :param allow_unfinished: Also fetch results of an expired or cancelled batch (partial output) instead of failing.
+    :param kluster_conn_id: The kluster.ai connection.
+    :return: The manifest: ``batch_id, status, output_path, error_path, records_path, succeeded, failed, missing,
+        total, usage{prompt_tokens, completion_tokens, total_tokens}, failed_ids, missing_ids, first_errors``
+        (and ``records`` when asked).
+    """
+
+    template_fields: Sequence[str] = ("batch_id", "destination")
+    operator_extra_links = (KlusterBatchLink(),)
+    ui_color = "#e8fff0"
+
+    def __init__(
+        self,
+        *,
+        batch_id: str,
+        destination: Any,
+        max_failed_ratio: float | None = None,
+        return_records: int = 0,
+        allow_unfinished: bool = False,
+        kluster_conn_id: str = KlusterHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.batch_id = batch_id
+        self.destination = destination
+        self.max_failed_ratio = max_failed_ratio
+        self.return_records = return_records
+        self.allow_unfinished = allow_unfinished
+        self.kluster_conn_id = kluster_conn_id
+
+    @cached_property
+    def hook(self) -> KlusterHook:
+        """Return the hook of this task's connection."""
+        return KlusterHook(self.kluster_conn_id)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        if not self.batch_id:
+            raise KlusterConfigError("batch_id is empty: pass the id of a submitted batch.")
+        batch = self.hook.get_batch(self.batch_id)
+        url = batch_url(self.hook.settings.platform_url, batch.id)
+        KlusterBatchLink.persist(context, url)
+        partial = batch.status in (BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+        if batch.status is not BatchStatus.COMPLETED and not (partial and self.allow_unfinished):
+            raise KlusterConfigError(
+                f"Batch {batch.id} is {batch.status_text}, not completed: "
+                + (
+                    "wait for it first (KlusterBatchSensor or wait_for_completion=True)."
+                    if batch.is_running
+                    else "set allow_unfinished=True to fetch the requests that did finish."
+                    if partial
+                    else "it has no results to fetch."
+                )
+            )
+        dest = as_path(self.destination)
+        output_path = error_path = None
+        if batch.output_file_id:
+            output_path = self.hook.download_file(batch.output_file_id, dest / f"{batch.id}.output.jsonl")
+        if batch.error_file_id:
+            error_path = self.hook.download_file(batch.error_file_id, dest / f"{batch.id}.errors.jsonl")
+        records_path = dest / f"{batch.id}.results.jsonl"
+        manifest = join_results(
+            output_path=output_path,
+            error_path=error_path,
+            expected_ids=self._input_ids(batch.input_file_id),
+            expected_total=batch.request_counts.total or None,
+            records_path=records_path,
+            return_records=self.return_records,
+        )
+        manifest = {
+            "batch_id": batch.id,
+            "status": batch.status_text,
+            "output_path": str(output_path) if output_path else None,
+            "error_path": str(error_path) if error_path else None,
+            **manifest,
+        }
+        self.log.info(
+            "Batch %s: %d succeeded, %d failed, %d missing of %d; %d tokens; records in %s",
+            batch.id,
+            manifest["succeeded"],
+            manifest["failed"],
+            manifest["missing"],
+            manifest["total"],
+            manifest["usage"]["total_tokens"],
+            manifest["records_path"],
+        )
+        self._check_failures(context, manifest)
+        return manifest
+
+    def _input_ids(self, input_file_id: str | None) -> Any:
+        """Stream the custom_ids of the batch's input file from kluster; ``None`` if it is gone."""
+        if not input_file_id:
+            return None
+        try:
+            self.hook.get_file(input_file_id)
+        except KlusterNotFoundError:
+            self.log.info(
+                "Input file %s is gone (removed after processing?); counting missing by totals", input_file_id
+            )
+            return None
+        return iter_custom_ids_from_lines(self.hook.iter_file_lines(input_file_id))
+
+    def _check_failures(self, context: Context, manifest: dict[str, Any]) -> None:
+        if self.max_failed_ratio is None or not manifest["total"]:
+            return
+        bad = manifest["failed"] + manifest["missing"]
+        ratio = bad / manifest["total"]
+        if ratio > self.max_failed_ratio:
+            context["ti"].xcom_push(key=MANIFEST_KEY, value=manifest)
+            raise KlusterTooManyFailuresError(
+                f"Batch {manifest['batch_id']}: {bad} of {manifest['total']} requests failed or are missing "
+                f"({ratio:.1%} > max_failed_ratio {self.max_failed_ratio:.1%}). First failed: "
+                f"{', '.join(manifest['failed_ids'][:5]) or '-'}; errors: {'; '.join(manifest['first_errors'][:3]) or '-'}. "
+                f"The results are in {manifest['records_path']} (manifest in XCom key '{MANIFEST_KEY}').",
+                batch_id=manifest["batch_id"],
+                status=manifest["status"],
+                errors=manifest["first_errors"],
+            )
+
+
+def iter_custom_ids_from_lines(lines: Any) -> Any:
+    """Yield the ``custom_id`` of each JSONL line of a request file streamed from kluster."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and isinstance(item.get("custom_id"), str):
+            yield item["custom_id"]
+
+
+class KlusterCancelBatchOperator(BaseOperator):
+    """Cancel a batch; optionally wait until kluster reports it ``cancelled`` (it can take ten minutes).
+
+    A batch that already ended is left as it is.
+
+    :param batch_id: The batch to cancel (templated).
+    :param wait_for_cancellation: Poll until the batch is terminal.
+    :param poll_interval: Seconds between polls.
+    :param timeout: Longest wait in seconds.
+    :param kluster_conn_id: The kluster.ai connection.
+    :return: The batch's final (or current) status.
+    """
+
+    template_fields: Sequence[str] = ("batch_id",)
+
+    def __init__(
+        self,
+        *,
+        batch_id: str,
+        wait_for_cancellation: bool = False,
+        poll_interval: float = 10.0,
+        timeout: float = 900.0,
+        kluster_conn_id: str = KlusterHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.batch_id = batch_id
+        self.wait_for_cancellation = wait_for_cancellation
+        self.poll_interval = poll_interval
+        self.timeout_seconds = timeout
+        self.kluster_conn_id = kluster_conn_id
+
+    def execute(self, context: Context) -> str:
+        hook = KlusterHook(self.kluster_conn_id)
+        batch = hook.get_batch(self.batch_id)
+        if batch.is_terminal:
+            self.log.info("Batch %s already ended %s; nothing to cancel", batch.id, batch.status_text)
+            return batch.status_text
+        batch = hook.cancel_batch(self.batch_id)
+        deadline = time.monotonic() + self.timeout_seconds
+        while self.wait_for_cancellation and not batch.is_terminal:
+            if time.monotonic() > deadline:
+                raise KlusterError(
+                    f"Batch {batch.id} is still {batch.status_text} {self.timeout_seconds:.0f}s after cancelling; "
+                    "kluster can take up to 10 minutes. Check it later or raise timeout."
+                )
+            time.sleep(self.poll_interval)
+            batch = hook.get_batch(self.batch_id)
+        self.log.info("Batch %s is %s", batch.id, batch.status_text)
+        return batch.status_text

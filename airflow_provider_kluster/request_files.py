@@ -1,0 +1,521 @@
+"""Build and validate kluster.ai batch request files (JSONL) before anything is uploaded.
+
+Validation streams the file as bytes, one line at a time, in constant memory apart from one 8-byte digest per
+``custom_id`` (for duplicate detection). Every problem is reported with its 1-based line number, so a user can
+fix a whole file in one go instead of learning about one problem per failed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+from airflow_provider_kluster.exceptions import KlusterRequestFileError
+from airflow_provider_kluster.hooks.kluster import BATCH_ENDPOINT, as_path
+
+if TYPE_CHECKING:
+    from airflow_provider_kluster.hooks.kluster import PathLike
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUESTS = 100_000  # Core plan; Trial 1,000; Scale 500,000; Enterprise unlimited
+MAX_FILE_BYTES = 100 * 1024 * 1024  # kluster's per-file upload limit
+BATCH_URL = BATCH_ENDPOINT
+
+#: Chat parameters kluster.ai's batch endpoint rejects.
+UNSUPPORTED_BODY_PARAMS = ("n", "response_format", "store", "service_tier", "modalities", "stream_options")
+
+_PLAN_LIMITS = "Trial 1,000; Core 100,000; Scale 500,000; Enterprise unlimited"
+_LISTED_MODELS = 5
+_SHOWN_VALUE_CHARS = 80
+
+
+@dataclass(frozen=True)
+class RequestFileSummary:
+    """What a valid request file holds.
+
+    :param path: The file, as given (local path or URI).
+    :param requests: Number of requests (lines).
+    :param bytes: Size of the file in bytes.
+    :param sha256: Hex SHA-256 of the file's bytes, an input fingerprint.
+    :param models: Sorted distinct ``body.model`` values.
+    """
+
+    path: str
+    requests: int
+    bytes: int
+    sha256: str
+    models: tuple[str, ...]
+
+
+# -- validation ------------------------------------------------------------------------------------------
+
+
+def validate_request_file(
+    path: PathLike,
+    *,
+    max_requests: int | None = DEFAULT_MAX_REQUESTS,
+    max_bytes: int | None = MAX_FILE_BYTES,
+    known_models: Collection[str] | None = None,
+    max_errors: int = 20,
+) -> RequestFileSummary:
+    """Check a request file line by line and summarise it; raise with every problem found, by line.
+
+    :param path: Local path, ``file://`` or object-storage URI, or ObjectStoragePath of the JSONL file.
+    :param max_requests: Most lines allowed (your plan's per-batch limit); ``None`` for no limit.
+    :param max_bytes: Largest file allowed; ``None`` for no limit. 100 MB is kluster.ai's per-file limit.
+    :param known_models: Model ids available to the account; when given, every ``body.model`` must be one.
+    :param max_errors: Stop reading after this many problems.
+    :raises KlusterRequestFileError: The file is invalid; ``errors`` lists each problem.
+    :return: The file's summary.
+    """
+    source = as_path(path)
+    too_big = _size_problem(_stat_size(source), max_bytes)
+    if too_big:
+        _raise_problems(source, [too_big], truncated=False)
+    checker = _LineChecker(known_models=known_models, max_errors=max_errors)
+    digest = hashlib.sha256()
+    size = requests = 0
+    with _open_request_file(source) as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            digest.update(raw)
+            size += len(raw)
+            if max_bytes is not None and size > max_bytes:
+                checker.add_problem(
+                    f"{_size_problem(size, max_bytes, exact=False)} (passed at line {lineno})"
+                )
+                break
+            if not raw.strip():
+                checker.add_line_problem(lineno, _BLANK_LINE)
+            else:
+                requests += 1
+                if max_requests is not None and requests > max_requests:
+                    checker.add_line_problem(lineno, _too_many_requests(max_requests))
+                    break
+                checker.check_raw(lineno, raw)
+            if checker.truncated:
+                break
+    if requests == 0 and not checker.truncated:
+        _raise_problems(source, ["the file has no requests (it is empty or holds only blank lines)"], False)
+    if checker.problems:
+        checker.resolve_duplicates(source)
+        _raise_problems(source, checker.problems, checker.truncated)
+    return RequestFileSummary(
+        path=str(source),
+        requests=requests,
+        bytes=size,
+        sha256=digest.hexdigest(),
+        models=tuple(sorted(checker.models)),
+    )
+
+
+_BLANK_LINE = "empty line; remove it (only a single newline may end the file)"
+
+
+def _too_many_requests(max_requests: int) -> str:
+    return (
+        f"more than max_requests={max_requests:,} requests; stopped reading here. Shard the file into several "
+        f"batches, or raise max_requests to your plan's per-batch limit ({_PLAN_LIMITS})"
+    )
+
+
+def _size_problem(size: int | None, max_bytes: int | None, *, exact: bool = True) -> str | None:
+    if size is None or max_bytes is None or size <= max_bytes:
+        return None
+    return (
+        f"the file is {_human_bytes(size)}{'' if exact else ' or more'}, over max_bytes={max_bytes:,} bytes; 100 MB is kluster.ai's "
+        "per-file upload limit: shard the requests into several files and batches"
+    )
+
+
+def _human_bytes(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MB ({size:,} bytes)"
+    return f"{size:,} bytes"
+
+
+def _stat_size(source: Any) -> int | None:
+    """Return the file's size from its stat, or ``None`` when the store cannot tell (it is then counted)."""
+    try:
+        return int(source.stat().st_size)
+    except (OSError, AttributeError, TypeError, ValueError, NotImplementedError):
+        return None
+
+
+@contextlib.contextmanager
+def _open_request_file(source: Any) -> Iterator[IO[bytes]]:
+    try:
+        handle = source.open("rb")
+    except FileNotFoundError:
+        raise KlusterRequestFileError(
+            f"Request file {source} does not exist; nothing was uploaded.", [f"{source}: no such file"]
+        ) from None
+    with handle:
+        yield handle
+
+
+def _raise_problems(source: Any, problems: list[str], truncated: bool) -> None:
+    count = f"more than {len(problems)} problems" if truncated else _plural(len(problems), "problem")
+    lines = [f"Request file {source} has {count}; nothing was uploaded:"]
+    lines.extend(f"  {problem}" for problem in problems)
+    if truncated:
+        lines.append("  ...and more")
+    raise KlusterRequestFileError("\n".join(lines), problems)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE_CHARS else f"{text[:_SHOWN_VALUE_CHARS]}..."
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _id_digest(custom_id: str) -> int:
+    data = custom_id.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class _LineChecker:
+    """Check request lines one at a time and collect numbered problems, up to ``max_errors``.
+
+    Duplicate ``custom_id`` values are found with a set of 8-byte digests; the line where a duplicated id first
+    appeared is looked up afterwards, in a second pass that runs only when duplicates were found.
+    """
+
+    def __init__(self, *, known_models: Collection[str] | None, max_errors: int) -> None:
+        self.problems: list[str] = []
+        self.truncated = False
+        self.models: set[str] = set()
+        self._max_errors = max(1, max_errors)
+        self._known = None if known_models is None else frozenset(known_models)
+        self._seen: set[int] = set()
+        self._duplicates: dict[int, tuple[int, int, str]] = {}  # problem index -> (digest, line, custom_id)
+
+    def add_problem(self, problem: str) -> None:
+        """Record a problem, or mark the list truncated when it is full."""
+        if len(self.problems) >= self._max_errors:
+            self.truncated = True
+        else:
+            self.problems.append(problem)
+
+    def add_line_problem(self, lineno: int, problem: str) -> None:
+        """Record a problem of one line."""
+        self.add_problem(f"line {lineno}: {problem}")
+
+    def check_raw(self, lineno: int, raw: bytes) -> None:
+        """Decode and parse one line of the file, then check it."""
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.add_line_problem(
+                lineno,
+                f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8",
+            )
+            return
+        if lineno == 1 and text.startswith("\ufeff"):
+            self.add_line_problem(
+                lineno, "starts with a UTF-8 byte-order mark; save the file as UTF-8 without BOM"
+            )
+            return
+        try:
+            line = json.loads(text)
+        except ValueError as exc:
+            detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            self.add_line_problem(lineno, f"invalid JSON ({detail})")
+            return
+        self.check(lineno, line)
+
+    def check(self, lineno: int, line: Any) -> None:
+        """Check one parsed request line."""
+        if not isinstance(line, dict):
+            self.add_line_problem(lineno, f"expected a JSON object, got {_type_name(line)}")
+            return
+        self._check_custom_id(lineno, line)
+        self._check_method_and_url(lineno, line)
+        body = line.get("body")
+        if body is None:
+            self.add_line_problem(lineno, "missing body (the chat completion request)")
+        elif not isinstance(body, dict):
+            self.add_line_problem(lineno, f"body must be a JSON object, got {_type_name(body)}")
+        else:
+            self._check_body(lineno, body)
+
+    def _check_custom_id(self, lineno: int, line: dict[str, Any]) -> None:
+        custom_id = line.get("custom_id")
+        if custom_id is None:
+            self.add_line_problem(lineno, "missing custom_id")
+            return
+        if not isinstance(custom_id, str) or not custom_id:
+            self.add_line_problem(lineno, f"custom_id must be a non-empty string, got {_shown(custom_id)}")
+            return
+        digest = _id_digest(custom_id)
+        if digest not in self._seen:
+            self._seen.add(digest)
+            return
+        self.add_line_problem(lineno, f"duplicate custom_id {_shown(custom_id)}")
+        if not self.truncated:
+            self._duplicates[len(self.problems) - 1] = (digest, lineno, custom_id)
+
+    def _check_method_and_url(self, lineno: int, line: dict[str, Any]) -> None:
+        method = line.get("method")
+        if method != "POST":
+            got = "it is missing" if method is None else f"got {_shown(method)}"
+            self.add_line_problem(lineno, f'method must be "POST", {got}')
+        url = line.get("url")
+        if url != BATCH_URL:
+            got = "it is missing" if url is None else f"got {_shown(url)}"
+            self.add_line_problem(
+                lineno, f'url must be "{BATCH_URL}" (the only endpoint kluster.ai batches accept), {got}'
+            )
+
+    def _check_body(self, lineno: int, body: dict[str, Any]) -> None:
+        self._check_model(lineno, body.get("model"))
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            got = "it is missing" if messages is None else f"got {_shown(messages)}"
+            self.add_line_problem(lineno, f"body.messages must be a non-empty list of messages, {got}")
+        unsupported = [name for name in UNSUPPORTED_BODY_PARAMS if name in body]
+        if unsupported:
+            names = ", ".join(f"body.{name}" for name in unsupported)
+            verb = "is" if len(unsupported) == 1 else "are"
+            self.add_line_problem(lineno, f"{names} {verb} not supported by kluster.ai batch; remove it")
+        if body.get("stream") is True:
+            self.add_line_problem(lineno, "body.stream is true; batch requests cannot stream: remove it")
+
+    def _check_model(self, lineno: int, model: Any) -> None:
+        if model is None:
+            self.add_line_problem(lineno, "missing body.model")
+            return
+        if not isinstance(model, str) or not model:
+            self.add_line_problem(lineno, f"body.model must be a non-empty string, got {_shown(model)}")
+            return
+        self.models.add(model)
+        if self._known is not None and model not in self._known:
+            self.add_line_problem(lineno, _unknown_model(model, self._known))
+
+    def resolve_duplicates(self, source: Any) -> None:
+        """Name, in each duplicate problem, the line where that ``custom_id`` first appeared."""
+        if not self._duplicates:
+            return
+        wanted = {digest for digest, _, _ in self._duplicates.values()}
+        first = _first_lines(source, wanted)
+        for index, (digest, lineno, custom_id) in self._duplicates.items():
+            if digest in first:
+                self.problems[index] = (
+                    f"line {lineno}: duplicate custom_id {_shown(custom_id)} (first used on line {first[digest]})"
+                )
+
+
+def _unknown_model(model: str, known: frozenset[str]) -> str:
+    available = sorted(known)
+    shown = ", ".join(available[:_LISTED_MODELS]) or "none"
+    if len(available) > _LISTED_MODELS:
+        shown += f", ... ({len(available) - _LISTED_MODELS} more)"
+    return (
+        f"model {_shown(model)} is not available on kluster.ai (available: {shown}); pass "
+        "check_models=False to the operator to skip this check"
+    )
+
+
+def _first_lines(source: Any, wanted: set[int]) -> dict[int, int]:
+    """Return, for each wanted ``custom_id`` digest, the first line of ``source`` holding that id."""
+    found: dict[int, int] = {}
+    with source.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            custom_id = _custom_id_of(raw)
+            if custom_id is None:
+                continue
+            digest = _id_digest(custom_id)
+            if digest in wanted and digest not in found:
+                found[digest] = lineno
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
+def _custom_id_of(raw: bytes) -> str | None:
+    if not raw.strip():
+        return None
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return None
+    custom_id = line.get("custom_id") if isinstance(line, dict) else None
+    return custom_id if isinstance(custom_id, str) and custom_id else None
+
+
+def iter_custom_ids(path: PathLike) -> Iterator[str]:
+    """Yield the ``custom_id`` of every request in a request file, streamed, in file order.
+
+    Lines without a usable ``custom_id`` (blank, invalid) are skipped: validate the file first.
+    """
+    with as_path(path).open("rb") as handle:
+        for raw in handle:
+            custom_id = _custom_id_of(raw)
+            if custom_id is not None:
+                yield custom_id
+
+
+# -- building --------------------------------------------------------------------------------------------
+
+
+def build_request_lines(
+    requests: Iterable[str | Mapping[str, Any]],
+    *,
+    model: str | None = None,
+    body_defaults: Mapping[str, Any] | None = None,
+    custom_id_prefix: str = "request",
+) -> Iterator[dict[str, Any]]:
+    """Turn prompts, chat bodies or batch lines into complete batch lines, one at a time.
+
+    Each item may be a full batch line (a mapping with ``body``), a chat body (a mapping with ``messages``;
+    a ``custom_id`` key in it is moved to the line), or a prompt string (sent as one user message). Missing
+    ``method``, ``url``, ``body.model`` (from ``model``) and body keys from ``body_defaults`` are filled in;
+    nothing an item sets is overridden. An item without ``custom_id`` gets ``f"{custom_id_prefix}-{index}"``
+    (0-based position), so the same list always yields the same ids.
+
+    :param requests: The items, consumed lazily.
+    :param model: Model for items that name none.
+    :param body_defaults: Chat parameters for items that do not set them, e.g. ``{"temperature": 0.2}``.
+    :param custom_id_prefix: Prefix of generated ids.
+    :raises KlusterRequestFileError: An item is of no known form or ends up with no model.
+    """
+    defaults = dict(body_defaults or {})
+    for index, item in enumerate(requests):
+        line = _line_of(index, item)
+        body = line["body"]
+        if model is not None:
+            body.setdefault("model", model)
+        for key, value in defaults.items():
+            body.setdefault(key, value)
+        if not body.get("model"):
+            message = (
+                f"Request item {index} has no model: set body.model in it, or pass model= for every item."
+            )
+            raise KlusterRequestFileError(message, [message])
+        if line.get("custom_id") is None:
+            line["custom_id"] = f"{custom_id_prefix}-{index}"
+        yield line
+
+
+def _line_of(index: int, item: Any) -> dict[str, Any]:
+    """Return a fresh batch line (with its own body dict) for one item; never mutate the item."""
+    if isinstance(item, str):
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": item}]}
+        return {"custom_id": None, "method": "POST", "url": BATCH_URL, "body": body}
+    if isinstance(item, Mapping) and "body" in item:
+        if not isinstance(item["body"], Mapping):
+            message = f"Request item {index}: body must be a mapping, got {type(item['body']).__name__}."
+            raise KlusterRequestFileError(message, [message])
+        line = dict(item)
+        line["body"] = dict(item["body"])
+        line.setdefault("method", "POST")
+        line.setdefault("url", BATCH_URL)
+        return line
+    if isinstance(item, Mapping) and "messages" in item:
+        body = dict(item)
+        custom_id = body.pop("custom_id", None)
+        return {"custom_id": custom_id, "method": "POST", "url": BATCH_URL, "body": body}
+    message = (
+        f"Request item {index} is {_shown(item) if isinstance(item, Mapping) else type(item).__name__}: "
+        "expected a prompt string, a chat body with 'messages', or a batch line with 'body'."
+    )
+    raise KlusterRequestFileError(message, [message])
+
+
+def write_request_file(
+    requests: Iterable[str | Mapping[str, Any]],
+    path: PathLike,
+    *,
+    model: str | None = None,
+    body_defaults: Mapping[str, Any] | None = None,
+    custom_id_prefix: str = "request",
+    max_errors: int = 20,
+) -> RequestFileSummary:
+    """Write requests as a batch request file, streamed and atomically; validate and summarise it.
+
+    Lines are built with :func:`build_request_lines`, checked as they are written (same checks as
+    :func:`validate_request_file`, without plan limits or a model list), hashed on the way, and written as
+    compact UTF-8 JSON to a temporary sibling that is renamed onto ``path`` only when every line is valid.
+    Nothing is left at ``path`` (or beside it) when building or checking fails.
+
+    :param requests: Prompt strings, chat bodies or batch lines (see :func:`build_request_lines`).
+    :param path: Local path, URI or ObjectStoragePath to write.
+    :param model: Model for items that name none.
+    :param body_defaults: Chat parameters for items that do not set them.
+    :param custom_id_prefix: Prefix of generated ids.
+    :param max_errors: Stop collecting problems after this many.
+    :raises KlusterRequestFileError: An item is invalid (e.g. duplicate ``custom_id``); nothing was written.
+    :return: The written file's summary.
+    """
+    dest = as_path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+    checker = _LineChecker(known_models=None, max_errors=max_errors)
+    digest = hashlib.sha256()
+    size = count = 0
+    lines = build_request_lines(
+        requests, model=model, body_defaults=body_defaults, custom_id_prefix=custom_id_prefix
+    )
+    try:
+        with tmp.open("wb") as out:
+            for count, line in enumerate(lines, start=1):
+                checker.check(count, line)
+                data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+                out.write(data)
+                digest.update(data)
+                size += len(data)
+                if checker.truncated:
+                    break
+        if count == 0:
+            message = f"No requests to write to {dest}; nothing was written."
+            raise KlusterRequestFileError(message, [message])
+        if checker.problems:
+            checker.resolve_duplicates(tmp)
+            _raise_write_problems(dest, checker)
+        _move(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
+    log.info("Wrote %d requests (%d bytes) to %s", count, size, dest)
+    return RequestFileSummary(
+        path=str(dest),
+        requests=count,
+        bytes=size,
+        sha256=digest.hexdigest(),
+        models=tuple(sorted(checker.models)),
+    )
+
+
+def _raise_write_problems(dest: Any, checker: _LineChecker) -> None:
+    problems = checker.problems
+    count = f"more than {len(problems)} problems" if checker.truncated else _plural(len(problems), "problem")
+    lines = [f"Request file {dest} would have {count} (line n holds request item n-1); nothing was written:"]
+    lines.extend(f"  {problem}" for problem in problems)
+    if checker.truncated:
+        lines.append("  ...and more")
+    raise KlusterRequestFileError("\n".join(lines), problems)
+
+
+def _move(tmp: Any, dest: Any) -> None:
+    if isinstance(dest, pathlib.Path):
+        os.replace(tmp, dest)
+    else:
+        tmp.rename(dest)

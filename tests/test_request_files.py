@@ -1,0 +1,496 @@
+"""Tests of building, writing and validating batch request files (no server involved)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+import pytest
+
+from airflow_provider_kluster.exceptions import KlusterRequestFileError
+from airflow_provider_kluster.request_files import (
+    BATCH_URL,
+    DEFAULT_MAX_REQUESTS,
+    MAX_FILE_BYTES,
+    RequestFileSummary,
+    build_request_lines,
+    iter_custom_ids,
+    validate_request_file,
+    write_request_file,
+)
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "kluster-api" / "examples"
+MODEL = "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
+
+
+def line(custom_id: str = "r-1", **overrides: object) -> dict:
+    """Return a valid request line, with top-level keys overridden (``None`` removes a key)."""
+    data: dict = {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": BATCH_URL,
+        "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+    }
+    data.update(overrides)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def with_body(custom_id: str = "r-1", **body: object) -> dict:
+    """Return a valid request line whose body has keys overridden (``None`` removes a key)."""
+    data = line(custom_id)
+    data["body"].update(body)
+    data["body"] = {key: value for key, value in data["body"].items() if value is not None}
+    return data
+
+
+def write_lines(path: pathlib.Path, *lines: dict | str | bytes) -> pathlib.Path:
+    """Write lines (dicts as JSON, str/bytes verbatim) each followed by a newline."""
+    chunks = []
+    for item in lines:
+        if isinstance(item, dict):
+            item = json.dumps(item)
+        chunks.append(item if isinstance(item, bytes) else item.encode())
+    path.write_bytes(b"".join(chunk + b"\n" for chunk in chunks))
+    return path
+
+
+def problems_of(path: pathlib.Path, **kwargs: object) -> KlusterRequestFileError:
+    with pytest.raises(KlusterRequestFileError) as info:
+        validate_request_file(path, **kwargs)
+    return info.value
+
+
+# -- published examples and the summary ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "models"),
+    [
+        ("batch_input.jsonl", ("deepseek-ai/DeepSeek-R1",)),
+        (
+            "batch_input_multimodel.jsonl",
+            (
+                "Qwen/Qwen3-235B-A22B-FP8",
+                "deepseek-ai/DeepSeek-V3-0324",
+                "meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8",
+            ),
+        ),
+    ],
+    ids=["single-model", "multi-model"],
+)
+def test_published_examples_validate(name, models):
+    path = EXAMPLES / name
+    summary = validate_request_file(path)
+    assert summary.requests == 3
+    assert summary.models == models
+    assert summary.bytes == path.stat().st_size
+
+
+def test_summary_fields(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"), with_body("b", model="z-model"))
+    summary = validate_request_file(path)
+    assert summary == RequestFileSummary(
+        path=str(path),
+        requests=2,
+        bytes=len(path.read_bytes()),
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        models=(MODEL, "z-model"),
+    )
+
+
+def test_defaults_are_kluster_limits():
+    assert DEFAULT_MAX_REQUESTS == 100_000
+    assert MAX_FILE_BYTES == 100 * 1024 * 1024
+    assert BATCH_URL == "/v1/chat/completions"
+
+
+def test_crlf_line_endings_are_accepted(tmp_path):
+    path = tmp_path / "req.jsonl"
+    path.write_bytes(json.dumps(line("a")).encode() + b"\r\n" + json.dumps(line("b")).encode() + b"\r\n")
+    assert validate_request_file(path).requests == 2
+
+
+def test_last_line_without_newline_is_accepted(tmp_path):
+    path = tmp_path / "req.jsonl"
+    path.write_text(json.dumps(line("a")) + "\n" + json.dumps(line("b")))
+    assert validate_request_file(path).requests == 2
+
+
+def test_object_storage_path_validates(tmp_path):
+    from airflow.sdk import ObjectStoragePath
+
+    write_lines(tmp_path / "req.jsonl", line("a"))
+    summary = validate_request_file(ObjectStoragePath(f"file://{tmp_path}/req.jsonl"))
+    assert summary.requests == 1
+
+
+def test_uri_string_validates(tmp_path):
+    write_lines(tmp_path / "req.jsonl", line("a"))
+    assert validate_request_file(f"file://{tmp_path}/req.jsonl").requests == 1
+
+
+# -- one test per problem --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        ('{"custom_id": "r-2", ', "line 2: invalid JSON (Expecting property name enclosed in double quotes"),
+        ("[1, 2]", "line 2: expected a JSON object, got an array"),
+        ('"just text"', "line 2: expected a JSON object, got a string"),
+        (line(None), "line 2: missing custom_id"),
+        (line(""), "line 2: custom_id must be a non-empty string, got ''"),
+        (line(7), "line 2: custom_id must be a non-empty string, got 7"),
+        (line("r-2", method="GET"), "line 2: method must be \"POST\", got 'GET'"),
+        (line("r-2", method=None), 'line 2: method must be "POST", it is missing'),
+        (
+            line("r-2", url="/v1/embeddings"),
+            'line 2: url must be "/v1/chat/completions" (the only endpoint kluster.ai batches accept), '
+            "got '/v1/embeddings'",
+        ),
+        (line("r-2", body=None), "line 2: missing body"),
+        (line("r-2", body="hello"), "line 2: body must be a JSON object, got a string"),
+        (with_body("r-2", model=None), "line 2: missing body.model"),
+        (with_body("r-2", model=""), "line 2: body.model must be a non-empty string, got ''"),
+        (
+            with_body("r-2", messages=None),
+            "line 2: body.messages must be a non-empty list of messages, it is missing",
+        ),
+        (with_body("r-2", messages=[]), "line 2: body.messages must be a non-empty list of messages, got []"),
+        (
+            with_body("r-2", messages="Hi"),
+            "line 2: body.messages must be a non-empty list of messages, got 'Hi'",
+        ),
+        (with_body("r-2", stream=True), "line 2: body.stream is true; batch requests cannot stream"),
+    ],
+    ids=[
+        "invalid-json",
+        "array-line",
+        "string-line",
+        "missing-custom-id",
+        "empty-custom-id",
+        "numeric-custom-id",
+        "method-get",
+        "method-missing",
+        "url-not-chat",
+        "body-missing",
+        "body-not-object",
+        "model-missing",
+        "model-empty",
+        "messages-missing",
+        "messages-empty",
+        "messages-not-list",
+        "stream-true",
+    ],
+)
+def test_invalid_line_is_reported_by_number(tmp_path, bad_line, expected):
+    path = write_lines(tmp_path / "req.jsonl", line("r-1"), bad_line, line("r-3"))
+    error = problems_of(path)
+    assert len(error.errors) == 1, error.errors
+    assert error.errors[0].startswith(expected), error.errors[0]
+    assert str(error).startswith(f"Request file {path} has 1 problem; nothing was uploaded:\n  line 2: ")
+
+
+def test_stream_false_is_accepted(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", with_body("a", stream=False))
+    assert validate_request_file(path).requests == 1
+
+
+@pytest.mark.parametrize(
+    "param", ["n", "response_format", "store", "service_tier", "modalities", "stream_options"]
+)
+def test_unsupported_chat_param_is_reported(tmp_path, param):
+    path = write_lines(tmp_path / "req.jsonl", with_body("a", **{param: 1}))
+    error = problems_of(path)
+    assert error.errors == [f"line 1: body.{param} is not supported by kluster.ai batch; remove it"]
+
+
+def test_several_unsupported_params_in_one_problem(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", with_body("a", n=2, store=True))
+    error = problems_of(path)
+    assert error.errors == ["line 1: body.n, body.store are not supported by kluster.ai batch; remove it"]
+
+
+def test_duplicate_custom_id_names_first_line(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"), line("b"), line("c"), line("b"))
+    error = problems_of(path)
+    assert error.errors == ["line 4: duplicate custom_id 'b' (first used on line 2)"]
+
+
+def test_non_utf8_line_is_reported(tmp_path):
+    bad = json.dumps(line("b")).encode().replace(b"Hi", b"H\xff")
+    path = write_lines(tmp_path / "req.jsonl", line("a"), bad)
+    error = problems_of(path)
+    assert len(error.errors) == 1
+    assert error.errors[0].startswith("line 2: not valid UTF-8 (byte 0xff at column")
+
+
+def test_byte_order_mark_is_reported(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", b"\xef\xbb\xbf" + json.dumps(line("a")).encode())
+    error = problems_of(path)
+    assert error.errors == ["line 1: starts with a UTF-8 byte-order mark; save the file as UTF-8 without BOM"]
+
+
+def test_blank_line_in_the_middle_is_reported(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"), "", line("b"))
+    error = problems_of(path)
+    assert error.errors == ["line 2: empty line; remove it (only a single newline may end the file)"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \n\n"], ids=["empty", "one-newline", "blank-lines"])
+def test_file_without_requests_is_reported(tmp_path, content):
+    path = tmp_path / "req.jsonl"
+    path.write_bytes(content)
+    error = problems_of(path)
+    assert error.errors == ["the file has no requests (it is empty or holds only blank lines)"]
+    assert str(error).startswith(f"Request file {path} has 1 problem; nothing was uploaded:")
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(KlusterRequestFileError, match="does not exist; nothing was uploaded"):
+        validate_request_file(tmp_path / "nope.jsonl")
+
+
+def test_every_problem_is_listed_in_line_order(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"), line(None), "nope", line("d", method="GET"))
+    error = problems_of(path)
+    assert [problem.split(":")[0] for problem in error.errors] == ["line 2", "line 3", "line 4"]
+    assert str(error).startswith(f"Request file {path} has 3 problems; nothing was uploaded:\n  line 2: ")
+
+
+def test_errors_stop_at_max_errors(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", *["nope"] * 10)
+    error = problems_of(path, max_errors=3)
+    assert [problem.split(":")[0] for problem in error.errors] == ["line 1", "line 2", "line 3"]
+    assert str(error).startswith(f"Request file {path} has more than 3 problems; nothing was uploaded:")
+    assert str(error).endswith("\n  ...and more")
+
+
+# -- models and limits -----------------------------------------------------------------------------------
+
+
+def test_known_models_accepts_listed_models(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"))
+    assert validate_request_file(path, known_models={MODEL, "other"}).models == (MODEL,)
+
+
+def test_unknown_model_is_reported_with_available_ones(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"), with_body("b", model="gpt-9"))
+    known = [f"model-{i}" for i in range(8)]
+    error = problems_of(path, known_models=known + [MODEL])
+    assert error.errors == [
+        "line 2: model 'gpt-9' is not available on kluster.ai (available: "
+        f"{MODEL}, model-0, model-1, model-2, model-3, ... (4 more)); "
+        "pass check_models=False to the operator to skip this check"
+    ]
+
+
+def test_more_requests_than_max_requests_stops_early(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"), line("b"), line("c"), "not json at all")
+    error = problems_of(path, max_requests=2)
+    assert len(error.errors) == 1  # stopped before reading line 4
+    assert error.errors[0].startswith("line 3: more than max_requests=2 requests; stopped reading here.")
+    assert "Shard the file into several batches, or raise max_requests to your plan's" in error.errors[0]
+
+
+def test_max_requests_none_means_no_limit(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", *[line(f"r{i}") for i in range(5)])
+    assert validate_request_file(path, max_requests=None).requests == 5
+
+
+def test_file_over_max_bytes_is_rejected_from_its_size(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"), line("b"))
+    size = path.stat().st_size
+    error = problems_of(path, max_bytes=size - 1)
+    assert error.errors == [
+        f"the file is {size:,} bytes, over max_bytes={size - 1:,} bytes; 100 MB is kluster.ai's per-file "
+        "upload limit: shard the requests into several files and batches"
+    ]
+
+
+def test_file_over_max_bytes_is_caught_while_streaming(tmp_path, monkeypatch):
+    import airflow_provider_kluster.request_files as request_files
+
+    monkeypatch.setattr(request_files, "_stat_size", lambda source: None)  # a store that cannot stat
+    path = write_lines(tmp_path / "req.jsonl", line("a"), line("b"), line("c"))
+    first = len(path.read_bytes().splitlines(keepends=True)[0])
+    error = problems_of(path, max_bytes=first + 1)
+    assert len(error.errors) == 1
+    assert error.errors[0].endswith(
+        "100 MB is kluster.ai's per-file upload limit: shard the requests into "
+        "several files and batches (passed at line 2)"
+    )
+
+
+def test_max_bytes_none_means_no_limit(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("a"))
+    assert validate_request_file(path, max_bytes=None).requests == 1
+
+
+# -- iter_custom_ids -------------------------------------------------------------------------------------
+
+
+def test_iter_custom_ids_streams_ids_in_file_order(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", line("z"), line("a"), line("m"))
+    assert list(iter_custom_ids(path)) == ["z", "a", "m"]
+
+
+# -- build_request_lines ---------------------------------------------------------------------------------
+
+
+def test_build_from_prompt_string():
+    lines = list(build_request_lines(["What is 2 + 2?"], model=MODEL, body_defaults={"temperature": 0.2}))
+    assert lines == [
+        {
+            "custom_id": "request-0",
+            "method": "POST",
+            "url": BATCH_URL,
+            "body": {
+                "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+                "model": MODEL,
+                "temperature": 0.2,
+            },
+        }
+    ]
+
+
+def test_build_from_chat_body_moves_custom_id_to_line():
+    body = {"custom_id": "q1", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 5}
+    [built] = build_request_lines([body], model=MODEL)
+    assert built == {
+        "custom_id": "q1",
+        "method": "POST",
+        "url": BATCH_URL,
+        "body": {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 5, "model": MODEL},
+    }
+    assert "custom_id" in body  # the caller's mapping is left alone
+
+
+def test_build_from_full_line_fills_method_url_and_model():
+    [built] = build_request_lines(
+        [{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "Hi"}]}}], model=MODEL
+    )
+    assert built["method"] == "POST"
+    assert built["url"] == BATCH_URL
+    assert built["body"]["model"] == MODEL
+    assert built["custom_id"] == "x"
+
+
+def test_build_never_overrides_what_an_item_sets():
+    item = line("keep", url="/custom", method="PUT")
+    item["body"].update(model="own-model", temperature=0.9)
+    [built] = build_request_lines(
+        [item], model=MODEL, body_defaults={"temperature": 0.2, "max_completion_tokens": 9}
+    )
+    assert built["url"] == "/custom"
+    assert built["method"] == "PUT"
+    assert built["body"]["model"] == "own-model"
+    assert built["body"]["temperature"] == 0.9
+    assert built["body"]["max_completion_tokens"] == 9
+
+
+def test_build_does_not_mutate_items():
+    item = {"body": {"messages": [{"role": "user", "content": "Hi"}]}}
+    list(build_request_lines([item], model=MODEL, body_defaults={"temperature": 0.2}))
+    assert item == {"body": {"messages": [{"role": "user", "content": "Hi"}]}}
+
+
+def test_generated_ids_are_stable_and_positional():
+    items = ["a", {"custom_id": "mine", "messages": [{"role": "user", "content": "b"}]}, "c"]
+    first = [built["custom_id"] for built in build_request_lines(items, model=MODEL, custom_id_prefix="q")]
+    second = [built["custom_id"] for built in build_request_lines(items, model=MODEL, custom_id_prefix="q")]
+    assert first == second == ["q-0", "mine", "q-2"]
+
+
+@pytest.mark.parametrize(
+    "item", [42, None, ["Hi"], {"prompt": "Hi"}], ids=["int", "none", "list", "unknown-dict"]
+)
+def test_build_rejects_unknown_item_naming_its_index(item):
+    with pytest.raises(KlusterRequestFileError, match=r"^Request item 1 is .*expected a prompt string"):
+        list(build_request_lines(["ok", item], model=MODEL))
+
+
+def test_build_without_model_asks_for_model():
+    with pytest.raises(KlusterRequestFileError, match=r"^Request item 0 has no model: .*pass model="):
+        list(build_request_lines(["Hi"]))
+
+
+# -- write_request_file ----------------------------------------------------------------------------------
+
+
+def test_write_local_file_is_compact_utf8_and_valid(tmp_path):
+    path = tmp_path / "out" / "req.jsonl"
+    summary = write_request_file(
+        ["¿Qué tal?", "Hi"], path, model=MODEL, body_defaults={"max_completion_tokens": 5}
+    )
+    data = path.read_bytes()
+    assert data.decode("utf-8").splitlines()[0] == (
+        '{"custom_id":"request-0","method":"POST","url":"/v1/chat/completions","body":'
+        '{"messages":[{"role":"user","content":"¿Qué tal?"}],"model":"'
+        + MODEL
+        + '","max_completion_tokens":5}}'
+    )
+    assert summary == validate_request_file(path)
+    assert summary.sha256 == hashlib.sha256(data).hexdigest()
+    assert summary.bytes == len(data)
+    assert summary.requests == 2
+    assert list(tmp_path.joinpath("out").iterdir()) == [path]
+
+
+def test_write_object_storage_path(tmp_path):
+    from airflow.sdk import ObjectStoragePath
+
+    dest = ObjectStoragePath(f"file://{tmp_path}/x.jsonl")
+    summary = write_request_file(["Hi"], dest, model=MODEL)
+    assert summary.path == str(dest)
+    assert summary.sha256 == hashlib.sha256((tmp_path / "x.jsonl").read_bytes()).hexdigest()
+    assert list(iter_custom_ids(dest)) == ["request-0"]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"]
+
+
+def test_write_consumes_a_generator(tmp_path):
+    summary = write_request_file((f"Question {i}" for i in range(3)), tmp_path / "req.jsonl", model=MODEL)
+    assert summary.requests == 3
+
+
+def test_write_rejects_duplicate_ids_and_leaves_nothing(tmp_path):
+    items = [{"custom_id": "same", "messages": [{"role": "user", "content": str(i)}]} for i in range(2)]
+    with pytest.raises(KlusterRequestFileError) as info:
+        write_request_file(items, tmp_path / "req.jsonl", model=MODEL)
+    assert info.value.errors == ["line 2: duplicate custom_id 'same' (first used on line 1)"]
+    assert "nothing was written" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_rejects_generated_id_colliding_with_given_one(tmp_path):
+    items = [{"custom_id": "request-1", "messages": [{"role": "user", "content": "a"}]}, "b"]
+    with pytest.raises(KlusterRequestFileError, match="duplicate custom_id 'request-1'"):
+        write_request_file(items, tmp_path / "req.jsonl", model=MODEL)
+
+
+def test_write_rejects_unsupported_params(tmp_path):
+    with pytest.raises(KlusterRequestFileError, match="body.n is not supported by kluster.ai batch"):
+        write_request_file(["Hi"], tmp_path / "req.jsonl", model=MODEL, body_defaults={"n": 2})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_bad_item_leaves_nothing_behind(tmp_path):
+    with pytest.raises(KlusterRequestFileError, match="Request item 1"):
+        write_request_file(["Hi", 3], tmp_path / "req.jsonl", model=MODEL)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_keeps_existing_file_when_it_fails(tmp_path):
+    path = tmp_path / "req.jsonl"
+    path.write_text("old")
+    with pytest.raises(KlusterRequestFileError):
+        write_request_file(["Hi"], path)  # no model
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_write_empty_list_is_rejected(tmp_path):
+    with pytest.raises(KlusterRequestFileError, match="No requests to write"):
+        write_request_file([], tmp_path / "req.jsonl", model=MODEL)
+    assert list(tmp_path.iterdir()) == []
