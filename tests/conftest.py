@@ -43,3 +43,13 @@ def kluster_conn(emulator, monkeypatch):
         "AIRFLOW_CONN_KLUSTER_DEFAULT", conn_json(emulator.base_url, max_retries=2, timeout=10)
     )
     return "kluster_default"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_async_connection_cache():
+    """Forget async connection lookups between tests: tests reuse connection ids with other settings."""
+    from airflow_provider_kluster.hooks import kluster
+
+    kluster._ASYNC_SETTINGS.clear()
+    yield
+    kluster._ASYNC_SETTINGS.clear()

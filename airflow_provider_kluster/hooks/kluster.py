@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import pathlib
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ class ClientSettings:
 # One AsyncOpenAI client per (event loop, settings): a triggerer runs every trigger in one loop, and building a
 # client costs ~20 ms of loop time and ~850 KB, so a thousand waiting batches share one client.
 _ASYNC_CLIENTS: dict[tuple, tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI]] = {}
+# Connection lookups of async hooks, reused for SETTINGS_TTL seconds: a triggerer resuming a thousand waits
+# looks the connection up once, and a rotated key is picked up within the TTL.
+_ASYNC_SETTINGS: dict[tuple, tuple[float, ClientSettings]] = {}
+SETTINGS_TTL = 60.0
 
 
 def settings_from_connection(
@@ -251,14 +256,20 @@ class KlusterHook(BaseHook):
         if "settings" in self.__dict__:
             return self.settings
         if self._async_settings is None:
-            aget = getattr(BaseHook, "aget_connection", None)
-            if aget is not None:
-                conn = await aget(self.kluster_conn_id)
-            else:  # pragma: no cover - Airflow without the async lookup
-                conn = await asyncio.to_thread(self.get_connection, self.kluster_conn_id)
-            self._async_settings = settings_from_connection(
-                conn, timeout=self._timeout, max_retries=self._max_retries
-            )
+            key = (self.kluster_conn_id, self._timeout, self._max_retries)
+            cached = _ASYNC_SETTINGS.get(key)
+            if cached is not None and cached[0] > time.monotonic():
+                self._async_settings = cached[1]
+            else:
+                aget = getattr(BaseHook, "aget_connection", None)
+                if aget is not None:
+                    conn = await aget(self.kluster_conn_id)
+                else:  # pragma: no cover - Airflow without the async lookup
+                    conn = await asyncio.to_thread(self.get_connection, self.kluster_conn_id)
+                self._async_settings = settings_from_connection(
+                    conn, timeout=self._timeout, max_retries=self._max_retries
+                )
+                _ASYNC_SETTINGS[key] = (time.monotonic() + SETTINGS_TTL, self._async_settings)
         return self._async_settings
 
     @cached_property

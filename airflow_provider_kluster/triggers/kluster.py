@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,9 @@ from airflow_provider_kluster.waiting import Progress, event_for_batch, make_eve
 
 #: How many failed polls in a row end the wait (each poll already retries inside the client).
 DEFAULT_MAX_CONSECUTIVE_ERRORS = 5
+#: The first poll waits a random share of this (capped by the poll interval), so that a triggerer restarting with
+#: a thousand waiting batches spreads their polls instead of sending them all in the same instant.
+FIRST_POLL_SPREAD = 10.0
 
 
 class KlusterBatchTrigger(BaseTrigger):
@@ -81,6 +85,7 @@ class KlusterBatchTrigger(BaseTrigger):
         progress = Progress()
         errors_in_a_row = 0
         last: KlusterBatch | None = None
+        await self._sleep(random.uniform(0, min(self.poll_interval, FIRST_POLL_SPREAD)))
         while True:
             if self.deadline is not None and time.time() >= self.deadline:
                 yield TriggerEvent(self._timeout_event(last))
