@@ -7,9 +7,8 @@ STAMP := $(VENV)/.installed
 # A throwaway AIRFLOW_HOME so the suite and the demo never touch ~/airflow.
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
-export AIRFLOW__CORE__UNIT_TEST_MODE ?= True
 
-.PHONY: venv test test-fast lint demo emulator benchmark clean
+.PHONY: venv test lint demo emulator benchmark clean
 
 venv: $(STAMP)
 
@@ -21,20 +20,21 @@ $(STAMP): pyproject.toml
 
 ## test: run the whole suite against the local emulator (creates .venv if needed)
 test: venv
-	$(PY) -m pytest tests
+	AIRFLOW__CORE__UNIT_TEST_MODE=True $(PY) -m pytest tests
 
 lint: venv
-	$(PY) -m ruff check airflow_provider_kluster tests example_dags benchmarks
+	$(PY) -m ruff check airflow_provider_kluster tests example_dags benchmarks scripts
 
 ## demo: run the example DAG end to end against the emulator (or the real kluster.ai with KLUSTER_API_KEY set)
 demo: venv
-	$(PY) -m airflow_provider_kluster.demo
+	$(PY) scripts/demo.py
 
 emulator: venv
 	$(PY) -m airflow_provider_kluster.emulator --port 8000
 
 benchmark: venv
 	$(PY) benchmarks/download_rss.py
+	$(PY) benchmarks/many_triggers.py
 
 clean:
 	rm -rf $(VENV) .airflow .pytest_cache

@@ -8,7 +8,7 @@ import pathlib
 import tempfile
 
 # Airflow reads its home at import time: isolate it before anything imports airflow.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="kluster-airflow-home-"))
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="kluster-airflow-home-")
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
 # dag.test() runs DAGs from the configured dags folder: the example DAGs are ours.
