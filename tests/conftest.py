@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 # Airflow reads its home at import time: isolate it before anything imports airflow.
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="kluster-airflow-home-")
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+# One Fernet key for this session, so every airflow CLI process reads what the previous one encrypted.
+if "AIRFLOW__CORE__FERNET_KEY" not in os.environ:
+    from cryptography.fernet import Fernet
+
+    os.environ["AIRFLOW__CORE__FERNET_KEY"] = Fernet.generate_key().decode()
 # dag.test() runs DAGs from the configured dags folder: the example DAGs are ours.
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(pathlib.Path(__file__).resolve().parents[1] / "example_dags")
 
@@ -53,3 +60,11 @@ def _fresh_async_connection_cache():
     kluster._ASYNC_SETTINGS.clear()
     yield
     kluster._ASYNC_SETTINGS.clear()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Create the metadata database of the test AIRFLOW_HOME once (SQLite)."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=600
+    )

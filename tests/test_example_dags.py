@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from tests.conftest import TEST_API_KEY, conn_json
@@ -12,14 +9,6 @@ from tests.helpers import REPO
 
 EXAMPLE_DAGS = REPO / "example_dags"
 DAG_IDS = ["kluster_batch_inference", "kluster_batch_one_operator", "kluster_batch_mapped"]
-
-
-@pytest.fixture(scope="session")
-def airflow_db():
-    """Create the metadata database of the test AIRFLOW_HOME once (SQLite)."""
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=600
-    )
 
 
 @pytest.fixture

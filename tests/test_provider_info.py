@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -40,8 +41,9 @@ def test_hook_ui_behaviour_matches_provider_info():
 
 def _airflow(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "airflow", *args], capture_output=True, text=True, timeout=180, check=True
+        [sys.executable, "-m", "airflow", *args], capture_output=True, text=True, timeout=180
     )
+    assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
@@ -50,3 +52,21 @@ def test_airflow_lists_the_provider_and_its_connection_type():
     hooks = _airflow("providers", "hooks", "-o", "plain")
     assert "kluster" in hooks
     assert "KlusterHook" in hooks
+
+
+def test_cli_connection_keeps_the_kluster_type(airflow_db):
+    _airflow(
+        "connections",
+        "add",
+        "k_cli",
+        "--conn-type",
+        "kluster",
+        "--conn-host",
+        "https://api.kluster.ai/v1",
+        "--conn-password",
+        "kl-cli-secret-123",
+    )
+    listed = _airflow("connections", "list", "-o", "json")
+    (payload,) = [line for line in listed.splitlines() if line.startswith("[{")]
+    conns = {c["conn_id"]: c for c in json.loads(payload)}
+    assert conns["k_cli"]["conn_type"] == "kluster"
