@@ -44,10 +44,22 @@ def wait_for(hook, batch_id: str, *, until=lambda b: b.is_terminal, timeout: flo
 
 
 class FakeTI:
-    """The slice of a task instance the operators use: XCom push and pull, kept in a dict."""
+    """The slice of a task instance the operators use: identity, XCom push and pull kept in a dict."""
 
-    def __init__(self, task_id: str = "task") -> None:
+    def __init__(
+        self,
+        task_id: str = "task",
+        *,
+        dag_id: str = "test_dag",
+        run_id: str | None = None,
+        map_index: int = -1,
+    ):
+        import uuid
+
+        self.dag_id = dag_id
         self.task_id = task_id
+        self.run_id = run_id or f"manual__{uuid.uuid4().hex}"
+        self.map_index = map_index
         self.xcom: dict[str, object] = {}
 
     def xcom_push(self, key: str, value: object) -> None:
@@ -58,9 +70,9 @@ class FakeTI:
         return self.xcom.get(key)
 
 
-def make_context(task_id: str = "task") -> dict:
-    """Return a minimal execution context for calling ``execute`` directly."""
-    return {"ti": FakeTI(task_id)}
+def make_context(task_id: str = "task", **ti_fields) -> dict:
+    """Return a minimal execution context for calling ``execute`` directly (a new run unless ``run_id`` given)."""
+    return {"ti": FakeTI(task_id, **ti_fields)}
 
 
 def run_deferred(operator, context: dict, timeout: float = 30.0):

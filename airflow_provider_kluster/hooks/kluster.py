@@ -512,16 +512,28 @@ class KlusterHook(BaseHook):
 
     def iter_batches(self, *, page_size: int = LIST_PAGE_SIZE) -> Iterator[KlusterBatch]:
         """Yield every batch of this key, newest first, following the ``after`` cursor page by page."""
+        for item in self._iter_pages("/batches", "list batches", page_size=page_size):
+            yield KlusterBatch.from_api(item)
+
+    def iter_files(
+        self, *, purpose: str | None = "batch", page_size: int = LIST_PAGE_SIZE
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the file objects of this key, newest first, page by page."""
+        params = {"order": "desc", **({"purpose": purpose} if purpose else {})}
+        yield from self._iter_pages("/files", "list files", page_size=page_size, params=params)
+
+    def _iter_pages(
+        self, path: str, call: str, *, page_size: int, params: dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
         after: str | None = None
         seen_cursors: set[str] = set()
         while True:
-            params: dict[str, Any] = {"limit": page_size}
+            query: dict[str, Any] = {**(params or {}), "limit": page_size}
             if after:
-                params["after"] = after
-            data = self._json("get", "/batches", call="list batches", options={"params": params})
+                query["after"] = after
+            data = self._json("get", path, call=call, options={"params": query})
             items = [item for item in data.get("data") or [] if isinstance(item, dict)]
-            for item in items:
-                yield KlusterBatch.from_api(item)
+            yield from items
             last = data.get("last_id") or (items[-1].get("id") if items else None)
             has_more = data.get("has_more")
             if has_more is None:

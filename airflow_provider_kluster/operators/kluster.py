@@ -22,8 +22,26 @@ from airflow_provider_kluster.exceptions import (
     KlusterNotFoundError,
     KlusterTooManyFailuresError,
 )
-from airflow_provider_kluster.hooks.kluster import COMPLETION_WINDOWS, KlusterHook, as_path
+from airflow_provider_kluster.hooks.kluster import (
+    BATCH_ENDPOINT,
+    COMPLETION_WINDOWS,
+    KlusterHook,
+    as_path,
+    build_metadata,
+)
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
+from airflow_provider_kluster.reattach import (
+    DEFAULT_SCAN_LIMIT,
+    FINGERPRINT_KEY,
+    IDENTITY_KEY,
+    ON_CHANGED_INPUT,
+    Previous,
+    find_previous,
+    find_uploads,
+    identity_from_context,
+    input_fingerprint,
+    upload_name,
+)
 from airflow_provider_kluster.request_files import (
     DEFAULT_MAX_REQUESTS,
     RequestFileSummary,
@@ -63,6 +81,8 @@ class _RequestInputMixin:
     body_defaults: dict[str, Any] | None
     check_models: bool
     max_requests: int | None
+    reattach: bool
+    reattach_scan_limit: int
     log: Any
 
     @cached_property
@@ -76,12 +96,13 @@ class _RequestInputMixin:
             defaults.setdefault("max_completion_tokens", self.max_completion_tokens)
         return defaults
 
-    def prepare_and_upload(self, workdir: str) -> tuple[str, RequestFileSummary]:
-        """Validate the input locally (nothing is uploaded if it is invalid), upload it, return the file id."""
+    def prepare_input(self, workdir: str) -> tuple[Any, RequestFileSummary]:
+        """Build (from ``requests``) or take the request file and validate it; nothing is uploaded if invalid."""
         if self.requests is not None:
             if not isinstance(self.requests, (list, tuple)):
                 raise KlusterConfigError(
-                    f"requests must be a list (of batch lines, chat bodies or prompts), got {type(self.requests).__name__}."
+                    "requests must be a list (of batch lines, chat bodies or prompts), "
+                    f"got {type(self.requests).__name__}."
                 )
             path = as_path(f"{workdir}/requests.jsonl")
             write_request_file(self.requests, path, model=self.model, body_defaults=self._body_defaults())
@@ -96,7 +117,28 @@ class _RequestInputMixin:
             summary.bytes,
             ", ".join(summary.models),
         )
-        return self.hook.upload_file(path), summary
+        return path, summary
+
+    def upload_once(
+        self, path: Any, identity: str, fingerprint: str, keep: frozenset[str] = frozenset()
+    ) -> str:
+        """Upload the file under a name derived from task and input, unless an earlier try already did.
+
+        Uploads an earlier try left for another input of this task, and that no batch found uses, are deleted.
+        """
+        uploads = find_uploads(self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit)
+        for orphan in uploads.others:
+            if orphan not in keep:
+                self.log.info(
+                    "Deleting file %s, left by an earlier try of this task for another input", orphan
+                )
+                self.hook.delete_file(orphan)
+        if uploads.match:
+            self.log.warning(
+                "Reusing file %s, uploaded by an earlier try of this task with the same input", uploads.match
+            )
+            return uploads.match
+        return self.hook.upload_file(path, filename=upload_name(identity, fingerprint))
 
 
 def _check_single_input(**sources: Any) -> None:
@@ -117,6 +159,8 @@ class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
     :param body_defaults: Other default body parameters (``temperature``, …); never override a request's own.
     :param check_models: Check every model against ``list_models()`` before uploading.
     :param max_requests: Refuse files with more requests (your plan's per-batch limit); ``None`` for no limit.
+    :param reattach: Reuse the file an earlier try of this task uploaded from the same content.
+    :param reattach_scan_limit: How many of the newest files to look through for it.
     :param kluster_conn_id: The kluster.ai connection.
     :return: The uploaded file id.
     """
@@ -134,6 +178,8 @@ class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
         body_defaults: dict[str, Any] | None = None,
         check_models: bool = True,
         max_requests: int | None = DEFAULT_MAX_REQUESTS,
+        reattach: bool = True,
+        reattach_scan_limit: int = DEFAULT_SCAN_LIMIT,
         kluster_conn_id: str = KlusterHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
@@ -145,13 +191,23 @@ class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
         self.body_defaults = body_defaults
         self.check_models = check_models
         self.max_requests = max_requests
+        self.reattach = reattach
+        self.reattach_scan_limit = reattach_scan_limit
         self.kluster_conn_id = kluster_conn_id
 
     def execute(self, context: Context) -> str:
         _check_single_input(input_file=self.input_file, requests=self.requests)
         with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
-            file_id, _ = self.prepare_and_upload(workdir)
-        return file_id
+            path, summary = self.prepare_input(workdir)
+            if not self.reattach:
+                return self.hook.upload_file(path)
+            fingerprint = input_fingerprint(
+                content_sha256=summary.sha256,
+                completion_window="",
+                endpoint=BATCH_ENDPOINT,
+                kluster_options=None,
+            )
+            return self.upload_once(path, identity_from_context(context), fingerprint)
 
 
 class _BatchWaitMixin:
@@ -247,6 +303,12 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         passes. ``None`` waits for kluster to end the batch (its completion window bounds it).
     :param cancel_on_kill: Cancel the batch when the task is killed, cleared or marked failed.
     :param max_consecutive_errors: Transient poll failures tolerated in a row.
+    :param reattach: Before creating, look for the batch an earlier try of this task (same dag, task, run and map
+        index) created: a running or completed one from the same input is reattached instead of paying twice;
+        a failed, expired or cancelled one is replaced.
+    :param on_changed_input: When an earlier try's batch was made from other input: ``"resubmit"`` (cancel it if
+        still running, submit the new input) or ``"fail"``.
+    :param reattach_scan_limit: How many of the newest batches and files to look through.
     :param kluster_conn_id: The kluster.ai connection.
     :return: The batch id.
     """
@@ -283,10 +345,16 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         timeout: timedelta | float | None = None,
         cancel_on_kill: bool = True,
         max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
+        reattach: bool = True,
+        on_changed_input: str = "resubmit",
+        reattach_scan_limit: int = DEFAULT_SCAN_LIMIT,
         kluster_conn_id: str = KlusterHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.reattach = reattach
+        self.on_changed_input = on_changed_input
+        self.reattach_scan_limit = reattach_scan_limit
         self.input_file = input_file
         self.input_file_id = input_file_id
         self.requests = requests
@@ -316,28 +384,71 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
                 f"completion_window {self.completion_window!r} is not one kluster.ai accepts: "
                 f"use one of {', '.join(COMPLETION_WINDOWS)}."
             )
-        if self.input_file_id is not None:
-            file_id = self.input_file_id
-        else:
-            with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
-                file_id, _ = self.prepare_and_upload(workdir)
-        submitted_at = time.time()
-        batch = self.hook.create_batch(
-            file_id,
-            completion_window=self.completion_window,
-            metadata=self.metadata,
-            kluster_options=self.kluster_options,
-        )
+        if self.on_changed_input not in ON_CHANGED_INPUT:
+            raise KlusterConfigError(
+                f"on_changed_input {self.on_changed_input!r} is not one of {', '.join(ON_CHANGED_INPUT)}."
+            )
+        metadata = build_metadata(self.metadata, self.kluster_options)  # checks the options before any call
+        identity = identity_from_context(context)
+        with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
+            path, summary = (None, None) if self.input_file_id else self.prepare_input(workdir)
+            fingerprint = input_fingerprint(
+                content_sha256=summary.sha256 if summary else None,
+                input_file_id=self.input_file_id,
+                completion_window=self.completion_window,
+                endpoint=BATCH_ENDPOINT,
+                kluster_options=self.kluster_options,
+            )
+            previous = self._earlier_tries(identity, fingerprint) if self.reattach else Previous()
+            batch = previous.reusable
+            if batch is None:
+                if self.input_file_id:
+                    file_id = self.input_file_id
+                elif self.reattach:
+                    file_id = self.upload_once(
+                        path, identity, fingerprint, keep=frozenset(previous.input_file_ids)
+                    )
+                else:
+                    file_id = self.hook.upload_file(path)
+                batch = self.hook.create_batch(
+                    file_id,
+                    completion_window=self.completion_window,
+                    metadata={**metadata, IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint},
+                )
         self._batch_id = batch.id
         url = batch_url(self.hook.settings.platform_url, batch.id)
         context["ti"].xcom_push(key=BATCH_ID_KEY, value=batch.id)
         context["ti"].xcom_push(key=BATCH_URL_KEY, value=url)
         KlusterBatchLink.persist(context, url)
-        self.log.info("Submitted batch %s (%s): %s", batch.id, batch.status_text, url)
+        self.log.info("Batch %s (%s): %s", batch.id, batch.status_text, url)
         if not self.wait_for_completion:
             return batch.id
-        deadline = submitted_at + self.timeout_seconds if self.timeout_seconds else None
+        # The deadline counts from the batch's creation, so a retry that reattaches does not extend it.
+        created = batch.created_at.timestamp() if batch.created_at else time.time()
+        deadline = created + self.timeout_seconds if self.timeout_seconds else None
         return self.wait_for_batch(context, batch.id, deadline)
+
+    def _earlier_tries(self, identity: str, fingerprint: str) -> Previous:
+        previous = find_previous(self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit)
+        for old in previous.replaced:
+            self.log.info("An earlier try's batch %s ended %s; submitting a new one", old.id, old.status_text)
+        for old in previous.changed:
+            if self.on_changed_input == "fail":
+                raise KlusterConfigError(
+                    f"An earlier try of this task created batch {old.id} ({old.status_text}) from different input "
+                    "or settings, and on_changed_input='fail'. Cancel or accept that batch, or set "
+                    "on_changed_input='resubmit' to submit the new input."
+                )
+            if old.is_running:
+                self._cancel(old.id, "an earlier try made it from input that has since changed")
+        if previous.reusable is not None:
+            self.log.warning(
+                "REATTACHING to batch %s (%s), created by an earlier try of this task from the same input: "
+                "no new batch is submitted.",
+                previous.reusable.id,
+                previous.reusable.status_text,
+            )
+        return previous
 
 
 class KlusterGetBatchResultsOperator(BaseOperator):
