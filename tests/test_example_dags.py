@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import pytest
 
 from tests.conftest import TEST_API_KEY, conn_json
@@ -57,3 +60,31 @@ def test_guide_dag_logs_answers_next_to_questions(example_env, capsys):
     out = capsys.readouterr().out
     assert "Q [request-1]: What is the capital of Argentina?" in out
     assert "4 succeeded, 0 failed, 0 missing" in out
+
+
+def _files_containing(root: pathlib.Path, secret: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_the_key_appears_nowhere_after_every_example_runs(example_env, emulator, capfd):
+    """Logs, XCom, rendered fields and every other row the runs wrote: the key is in none of them."""
+    for dag_id in DAG_IDS:
+        assert load_dagbag().get_dag(dag_id).test().state == "success"
+    out = capfd.readouterr()
+    assert TEST_API_KEY not in out.out + out.err
+    home = pathlib.Path(os.environ["AIRFLOW_HOME"])
+    assert _files_containing(home, TEST_API_KEY.encode()) == []
+    assert _files_containing(example_env, TEST_API_KEY.encode()) == []
+
+
+def test_a_rejected_key_fails_the_run_without_showing_the_key(example_env, emulator, monkeypatch, capfd):
+    wrong = TEST_API_KEY + "-WRONG"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KLUSTER_DEFAULT", conn_json(emulator.base_url, api_key=wrong, max_retries=0)
+    )
+    run = load_dagbag().get_dag("kluster_batch_one_operator").test()
+    assert run.state == "failed"
+    out = capfd.readouterr()
+    assert "rejected" in out.out + out.err or "401" in out.out + out.err
+    assert wrong not in out.out + out.err
+    assert _files_containing(pathlib.Path(os.environ["AIRFLOW_HOME"]), wrong.encode()) == []

@@ -406,6 +406,7 @@ class KlusterHook(BaseHook):
                 except (openai.APIConnectionError, httpx2.TransportError) as exc:
                     if attempt == attempts:
                         raise self._error(exc, "download file", file_id) from None
+                    written = tmp.stat().st_size if tmp.exists() else 0  # what reached the disk: resume there
                     self.log.warning(
                         "Download of file %s broke after %d bytes (%s); resuming (attempt %d of %d)",
                         file_id,
