@@ -377,3 +377,19 @@ def test_a_server_echoing_the_key_is_redacted(canned):
         KlusterHook("canned").get_batch("b-1")
     assert TEST_API_KEY not in str(info.value)
     assert "***" in str(info.value)
+
+
+def test_openai_style_int_timestamps_read_the_same(monkeypatch, tmp_path):
+    from airflow_provider_kluster.emulator import EmulatorServer
+
+    with EmulatorServer(
+        api_key=TEST_API_KEY, timestamps="int", requests_per_second=1000, pre_schedule_delay=0.01
+    ) as s:
+        monkeypatch.setenv("AIRFLOW_CONN_INTS", conn_json(s.base_url))
+        hook = KlusterHook("ints")
+        batch = hook.create_batch(hook.upload_file(write_jsonl(tmp_path / "r.jsonl", request_lines(2))))
+        assert isinstance(s.emulator.get_batch_raw(batch.id)["created_at"], int)
+        done = wait_for(hook, batch.id)
+    assert done.status is BatchStatus.COMPLETED
+    assert done.completed_at >= done.created_at
+    assert done.cancelled_at is None
