@@ -28,7 +28,8 @@ UPLOAD_PREFIX = "airflow-"
 #: Newest batches (and files) looked at for an earlier try's batch: five pages of the list.
 DEFAULT_SCAN_LIMIT = 500
 ON_CHANGED_INPUT = ("resubmit", "fail")
-_REPLACEABLE = frozenset({BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
+# A batch on its way out (cancelling: a cleared or failed task cancelled it) is replaced, never reattached to.
+_REPLACEABLE = frozenset({BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLING, BatchStatus.CANCELLED})
 
 
 def task_identity(dag_id: str, task_id: str, run_id: str, map_index: int | None) -> str:

@@ -89,6 +89,19 @@ def test_an_unsuccessful_earlier_batch_is_replaced(kluster_conn, emulator, statu
     assert uploaded(emulator) == 1  # the same content: the earlier upload is reused
 
 
+def test_a_batch_being_cancelled_is_replaced_not_reattached(kluster_conn, emulator):
+    """Clearing a deferred task cancels its batch: the re-run must not wait on the batch being cancelled."""
+    emulator.emulator.faults.stick_batch("*", "in_progress")
+    op, context = attempt()
+    first = op.execute(context)
+    emulator.emulator.config.cancel_delay = 30  # stays "cancelling" for the rest of the test
+    KlusterHook(kluster_conn).cancel_batch(first)
+    assert emulator.emulator.get_batch_raw(first)["status"] == "cancelling"
+    op, context = attempt()
+    assert op.execute(context) != first
+    assert created(emulator) == 2
+
+
 def test_changed_input_resubmits_and_cancels_the_old_batch(kluster_conn, emulator):
     emulator.emulator.faults.stick_batch("*", "in_progress")
     old = attempt()[0].execute(attempt()[1])

@@ -1,0 +1,585 @@
+"""Run a real Airflow (scheduler, triggerer, dag-processor, api-server) on loopback for end-to-end tests.
+
+Everything is started by PID in its own process group, logs go to files under ``<home>/proc-logs``, and
+:meth:`AirflowCluster.stop` always terminates every group it started (SIGTERM, then SIGKILL after a grace
+period). The metadata database is SQLite in the cluster's own ``AIRFLOW_HOME``; the executor is the
+LocalExecutor. No service outside this machine's Python environment is needed.
+
+Typical use (a session- or module-scoped fixture)::
+
+    cluster = AirflowCluster(home=tmp / "airflow", dags_folder=tmp / "dags", env={"AIRFLOW_CONN_X": "..."})
+    try:
+        cluster.start()  # migrate, start the processes, wait until every component reports healthy
+        run_id = cluster.api.trigger_run("my_dag")
+        cluster.api.wait_for_ti_state("my_dag", run_id, "task", "deferred")
+        cluster.restart("triggerer")
+        ...
+    finally:
+        cluster.stop()
+
+The REST helpers (:class:`AirflowAPI`, ``cluster.api``) talk to the api-server's public API v2; with
+``simple_auth_manager_all_admins`` no token is needed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+#: Component name -> ``airflow`` sub-command (the api-server gets its host and port appended).
+COMPONENTS: dict[str, list[str]] = {
+    "api-server": ["api-server"],
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+}
+#: Component name -> key in ``GET /api/v2/monitor/health``.
+HEALTH_KEYS = {"scheduler": "scheduler", "triggerer": "triggerer", "dag-processor": "dag_processor"}
+
+TERMINAL_TI_STATES = frozenset({"success", "failed", "skipped", "upstream_failed", "removed"})
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    *,
+    interval: float = 0.5,
+    what: str = "condition",
+    on_timeout: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return it.
+
+    :raises TimeoutError: after ``timeout`` seconds, naming ``what`` and, if given, ``on_timeout()``'s details.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            details = on_timeout() if on_timeout else ""
+            raise TimeoutError(f"Timed out after {timeout:.0f}s waiting for {what}. {details}".rstrip())
+        time.sleep(interval)
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    """The last ``lines`` lines of a text file ('' if it does not exist)."""
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(collections.deque(fh, maxlen=lines))
+    except FileNotFoundError:
+        return ""
+
+
+class AirflowAPIError(RuntimeError):
+    """A REST call to the api-server answered with an error status."""
+
+
+class AirflowAPI:
+    """Small client of the Airflow 3 REST API v2 (``/api/v2``) for tests.
+
+    :param base_url: ``http://127.0.0.1:<port>`` of the api-server.
+    :param token: a bearer token, if the auth manager needs one (not with ``simple_auth_manager_all_admins``).
+    """
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, ok: Iterable[int] = (200,), **kwargs: Any) -> Any:
+        """Call ``/api/v2<path>``; return the decoded JSON (or ``None`` for an empty body).
+
+        :raises AirflowAPIError: when the status is not in ``ok``.
+        """
+        response = self.client.request(method, f"/api/v2{path}", **kwargs)
+        if response.status_code not in tuple(ok):
+            raise AirflowAPIError(f"{method} {path} answered {response.status_code}: {response.text[:2000]}")
+        return response.json() if response.content else None
+
+    @staticmethod
+    def _q(value: str) -> str:
+        return quote(value, safe="")
+
+    # -- health ---------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any] | None:
+        """``GET /api/v2/monitor/health``, or ``None`` while the api-server does not answer."""
+        try:
+            response = self.client.get("/api/v2/monitor/health", timeout=5)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        return response.json()
+
+    # -- DAGs -----------------------------------------------------------------------------------------
+    def get_dag(self, dag_id: str) -> dict[str, Any] | None:
+        """The DAG, or ``None`` while it is not parsed yet."""
+        try:
+            return self.request("GET", f"/dags/{self._q(dag_id)}")
+        except AirflowAPIError as exc:
+            if " answered 404" in str(exc):
+                return None
+            raise
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait until the dag-processor has parsed ``dag_id``."""
+        return wait_until(lambda: self.get_dag(dag_id), timeout, what=f"DAG {dag_id} to be parsed")
+
+    def set_paused(self, dag_id: str, paused: bool) -> dict[str, Any]:
+        return self.request("PATCH", f"/dags/{self._q(dag_id)}", json={"is_paused": paused})
+
+    def unpause(self, dag_id: str) -> dict[str, Any]:
+        return self.set_paused(dag_id, False)
+
+    # -- DAG runs ---------------------------------------------------------------------------------
+    def trigger_run(
+        self, dag_id: str, *, run_id: str | None = None, conf: Mapping[str, Any] | None = None
+    ) -> str:
+        """Trigger a manual run now; return its run id."""
+        run_id = run_id or f"test__{int(time.time() * 1000)}_{secrets.token_hex(3)}"
+        body = {"dag_run_id": run_id, "logical_date": None, "conf": dict(conf or {})}
+        run = self.request("POST", f"/dags/{self._q(dag_id)}/dagRuns", json=body)
+        return run["dag_run_id"]
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}")
+
+    def set_run_state(self, dag_id: str, run_id: str, state: str) -> dict[str, Any]:
+        """Mark a whole run ``success``/``failed``/``queued`` (what the UI's run buttons do)."""
+        return self.request(
+            "PATCH", f"/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}", json={"state": state}
+        )
+
+    # -- task instances ------------------------------------------------------------------------------
+    def _ti_path(self, dag_id: str, run_id: str, task_id: str) -> str:
+        return f"/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}/taskInstances/{self._q(task_id)}"
+
+    def ti(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        return self.request("GET", self._ti_path(dag_id, run_id, task_id))
+
+    def ti_state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
+        return self.ti(dag_id, run_id, task_id).get("state")
+
+    def wait_for_ti_state(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        states: str | Iterable[str],
+        timeout: float = 120.0,
+        *,
+        fail_on_terminal: bool = True,
+    ) -> dict[str, Any]:
+        """Wait until the task instance is in one of ``states``; return it.
+
+        :param fail_on_terminal: raise at once if the TI reaches a terminal state not asked for.
+        """
+        wanted = {states} if isinstance(states, str) else set(states)
+        seen: list[str | None] = []
+
+        def check() -> dict[str, Any] | None:
+            ti = self.ti(dag_id, run_id, task_id)
+            state = ti.get("state")
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            if state in wanted:
+                return ti
+            if fail_on_terminal and state in TERMINAL_TI_STATES:
+                raise AssertionError(
+                    f"{dag_id}.{task_id} ({run_id}) ended {state!r} while waiting for {sorted(wanted)}; "
+                    f"states seen: {seen}"
+                )
+            return None
+
+        return wait_until(
+            check,
+            timeout,
+            what=f"{dag_id}.{task_id} ({run_id}) to be {sorted(wanted)}",
+            on_timeout=lambda: f"States seen: {seen}.",
+        )
+
+    def set_ti_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> Any:
+        """Mark one task instance (``failed``, ``success``, ``skipped``) as the UI does."""
+        return self.request("PATCH", self._ti_path(dag_id, run_id, task_id), json={"new_state": state})
+
+    def clear_ti(self, dag_id: str, run_id: str, task_ids: str | Iterable[str], **options: Any) -> Any:
+        """Clear task instances of one run (as the UI's "Clear" does); they are scheduled again."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        body = {
+            "dag_run_id": run_id,
+            "task_ids": ids,
+            "dry_run": False,
+            "only_failed": False,
+            "reset_dag_runs": True,
+            **options,
+        }
+        return self.request("POST", f"/dags/{self._q(dag_id)}/clearTaskInstances", json=body)
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """An XCom value of the task instance (``None`` if absent)."""
+        try:
+            entry = self.request(
+                "GET",
+                f"{self._ti_path(dag_id, run_id, task_id)}/xcomEntries/{self._q(key)}",
+                params={"deserialize": "true", "stringify": "false"},
+            )
+        except AirflowAPIError as exc:
+            if " answered 404" in str(exc):
+                return None
+            raise
+        return entry.get("value")
+
+
+class AirflowCluster:
+    """Airflow's processes on loopback: api-server, scheduler, triggerer and dag-processor.
+
+    :param home: a fresh, empty ``AIRFLOW_HOME`` (created if missing; holds the SQLite DB and every log).
+    :param dags_folder: the DAGs the dag-processor parses.
+    :param env: extra environment for every process (connections ``AIRFLOW_CONN_*``, config overrides).
+        The test process's own ``AIRFLOW*`` and ``PYTEST*`` variables are never inherited.
+    :param components: which processes :meth:`start` runs.
+    :param python: the interpreter whose ``airflow`` runs (``python -m airflow``).
+    """
+
+    def __init__(
+        self,
+        home: Path | str,
+        dags_folder: Path | str,
+        env: Mapping[str, str] | None = None,
+        *,
+        components: Iterable[str] = ("api-server", "scheduler", "triggerer", "dag-processor"),
+        python: str = sys.executable,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
+        self.home = Path(home).resolve()
+        self.dags_folder = Path(dags_folder).resolve()
+        self.components = list(components)
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; choose from {sorted(COMPONENTS)}")
+        self.python = python
+        self.host = host
+        self.port = port or free_port(host)
+        self.base_url = f"http://{host}:{self.port}"
+        self.log_dir = self.home / "proc-logs"
+        self.extra_env = dict(env or {})
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_files: dict[str, Path] = {}
+        self._starts: collections.Counter[str] = collections.Counter()
+        self.api = AirflowAPI(self.base_url)
+
+    # -- environment ------------------------------------------------------------------------------
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment every Airflow process of this cluster gets."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYTEST", "_AIRFLOW"))}
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__PARALLELISM": "8",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+                "AIRFLOW__API__BASE_URL": self.base_url,
+                "AIRFLOW__API__HOST": self.host,
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                # One secret for every process: task tokens are signed by the scheduler, checked by the api-server.
+                "AIRFLOW__API_AUTH__JWT_SECRET": self._secret("jwt"),
+                "AIRFLOW__API__SECRET_KEY": self._secret("api"),
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+                "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
+                "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "120",
+                "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+                "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "1",
+                "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _secret(self, name: str) -> str:
+        attr = f"_secret_{name}"
+        if not hasattr(self, attr):
+            setattr(self, attr, secrets.token_hex(32))
+        return getattr(self, attr)
+
+    # -- CLI --------------------------------------------------------------------------------------
+    def airflow(
+        self, *args: str, timeout: float = 300.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one ``airflow`` CLI command with the cluster's environment; return its result."""
+        result = subprocess.run(
+            [self.python, "-m", "airflow", *args],
+            env=self.env,
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"airflow {' '.join(args)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> AirflowCluster:
+        """Migrate the DB, start every component, wait until all are healthy. Stops everything on failure."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.airflow("db", "migrate")
+            for name in self.components:
+                self.start_component(name)
+            self.wait_healthy(timeout)
+        except BaseException:
+            print(self.describe(), file=sys.stderr)
+            self.stop()
+            raise
+        return self
+
+    def start_component(self, name: str) -> subprocess.Popen[bytes]:
+        """Start one component (in its own process group), logging to ``proc-logs/<name>.<n>.log``."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}")
+        if self.is_running(name):
+            raise RuntimeError(f"{name} is already running (pid {self.procs[name].pid})")
+        self._starts[name] += 1
+        log_path = self.log_dir / f"{name}.{self._starts[name]}.log"
+        cmd = [self.python, "-m", "airflow", *COMPONENTS[name]]
+        if name == "api-server":
+            cmd += ["--host", self.host, "--port", str(self.port), "--workers", "1"]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        self._log_files[name] = log_path
+        return proc
+
+    def stop_component(self, name: str, grace: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the component's whole process group, SIGKILL it after ``grace`` seconds; return its exit code."""
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        return _terminate_group(proc, grace=grace, sig=sig)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int | None:
+        """Kill a component abruptly (default ``kill -9`` of its process group), as a crash would."""
+        return self.stop_component(name, grace=5.0, sig=sig)
+
+    def restart(self, name: str, *, grace: float = 15.0, wait: bool = True, timeout: float = 120.0) -> None:
+        """Stop then start one component; with ``wait``, return once it reports healthy again."""
+        self.stop_component(name, grace=grace)
+        started = time.time()
+        self.start_component(name)
+        if wait:
+            self.wait_healthy(timeout, components=[name], heartbeat_after=started)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop every component (SIGTERM, then SIGKILL after ``grace``); safe to call twice."""
+        # Producers of work first, the api-server (which running tasks talk to) last.
+        order = ["scheduler", "dag-processor", "triggerer", "api-server"]
+        for name in sorted(self.procs, key=lambda n: order.index(n) if n in order else -1):
+            try:
+                self.stop_component(name, grace=grace)
+            except Exception as exc:  # pragma: no cover - keep stopping the others
+                print(f"could not stop {name}: {exc!r}", file=sys.stderr)
+        self.api.close()
+
+    def __enter__(self) -> AirflowCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- state --------------------------------------------------------------------------------------
+    def pid(self, name: str) -> int:
+        """PID of a running component's main process."""
+        proc = self.procs.get(name)
+        if proc is None:
+            raise KeyError(f"{name} is not running")
+        return proc.pid
+
+    def is_running(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise if a started component exited."""
+        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            raise RuntimeError(f"Airflow components exited: {dead}\n{self.describe()}")
+
+    def wait_healthy(
+        self,
+        timeout: float = 180.0,
+        *,
+        components: Iterable[str] | None = None,
+        heartbeat_after: float | None = None,
+    ) -> dict[str, Any]:
+        """Wait until the api-server answers and each given component's job reports ``healthy``.
+
+        :param heartbeat_after: epoch seconds; also require a heartbeat newer than this (after a restart, the
+            previous process's last heartbeat can still count as healthy for a while).
+        """
+        names = [n for n in (components or self.components) if n in HEALTH_KEYS]
+
+        def healthy() -> dict[str, Any] | None:
+            self.check_alive()
+            health = self.api.health()
+            if not health or health.get("metadatabase", {}).get("status") != "healthy":
+                return None
+            for name in names:
+                entry = health.get(HEALTH_KEYS[name]) or {}
+                if entry.get("status") != "healthy":
+                    return None
+                if heartbeat_after is not None:
+                    beat = _heartbeat_epoch(entry)
+                    if beat is None or beat < heartbeat_after:
+                        return None
+            return health
+
+        return wait_until(
+            healthy,
+            timeout,
+            interval=1.0,
+            what=f"Airflow components {names} to be healthy",
+            on_timeout=lambda: f"Last health: {self.api.health()}\n{self.describe()}",
+        )
+
+    # -- logs ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def report_on_failure(self, *, dag_id: str | None = None, extra: Callable[[], str] | None = None) -> Any:
+        """On any exception inside the block, print the process and task log tails (and ``extra()``)."""
+        try:
+            yield self
+        except BaseException:
+            report = self.describe(dag_id=dag_id)
+            if extra is not None:
+                try:
+                    report += f"\n===== extra =====\n{extra()}"
+                except Exception as exc:  # pragma: no cover
+                    report += f"\n(extra report failed: {exc!r})"
+            print(report, file=sys.stderr)
+            raise
+
+    def log_path(self, name: str) -> Path:
+        return self._log_files[name]
+
+    def task_logs(self, dag_id: str | None = None) -> list[Path]:
+        """Task log files written under ``<home>/logs`` (optionally of one DAG)."""
+        root = self.home / "logs"
+        pattern = f"dag_id={dag_id}/**/*.log" if dag_id else "**/*.log"
+        return sorted(root.glob(pattern)) if root.exists() else []
+
+    def describe(self, lines: int = 60, *, dag_id: str | None = None) -> str:
+        """Tails of every component's log (and of task logs), for failure reports."""
+        parts = []
+        for name, path in sorted(self._log_files.items()):
+            proc = self.procs.get(name)
+            state = (
+                "not running"
+                if proc is None
+                else (f"exited {proc.returncode}" if proc.poll() is not None else f"pid {proc.pid}")
+            )
+            parts.append(f"===== {name} ({state}) {path} =====\n{tail(path, lines)}")
+        for path in self.task_logs(dag_id)[-6:]:
+            parts.append(f"===== task log {path.relative_to(self.home)} =====\n{tail(path, lines)}")
+        return "\n".join(parts)
+
+
+def _heartbeat_epoch(entry: Mapping[str, Any]) -> float | None:
+    from datetime import datetime
+
+    for key in ("latest_scheduler_heartbeat", "latest_triggerer_heartbeat", "latest_dag_processor_heartbeat"):
+        value = entry.get(key)
+        if value:
+            try:
+                return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                return None
+    return None
+
+
+def _terminate_group(proc: subprocess.Popen[bytes], *, grace: float, sig: int) -> int | None:
+    """Send ``sig`` to the process group led by ``proc``; SIGKILL the group if it outlives ``grace``."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = proc.pid  # the leader is gone (maybe reaped already); its group may still have members
+    if proc.poll() is None or sig == signal.SIGKILL:
+        _killpg(pgid, sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _killpg(pgid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    # Children that outlived their leader (task runners, gunicorn/uvicorn workers) share its group.
+    deadline = time.monotonic() + grace
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(pgid):
+        _killpg(pgid, signal.SIGKILL)
+    return proc.returncode
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True
+    return True
