@@ -29,7 +29,9 @@ UPLOAD_PREFIX = "airflow-"
 DEFAULT_SCAN_LIMIT = 500
 ON_CHANGED_INPUT = ("resubmit", "fail")
 # A batch on its way out (cancelling: a cleared or failed task cancelled it) is replaced, never reattached to.
-_REPLACEABLE = frozenset({BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLING, BatchStatus.CANCELLED})
+_REPLACEABLE = frozenset(
+    {BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLING, BatchStatus.CANCELLED}
+)
 
 
 def task_identity(dag_id: str, task_id: str, run_id: str, map_index: int | None) -> str:
