@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 
-.PHONY: venv test lint demo emulator benchmark clean
+.PHONY: venv test test-oldest lint demo emulator benchmark clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,16 @@ $(STAMP): pyproject.toml
 test: venv
 	AIRFLOW__CORE__UNIT_TEST_MODE=True $(PY) -m pytest tests
 
+## test-oldest: the suite on the oldest Airflow we support (3.1), in .venv-airflow31 (real-scheduler tests skip)
+test-oldest:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) .venv-airflow31
+	$(UV) pip install --quiet --python .venv-airflow31/bin/python "apache-airflow>=3.1,<3.2" -e ".[test]"
+	AIRFLOW__CORE__UNIT_TEST_MODE=True .venv-airflow31/bin/python -m pytest tests -m "not scheduler"
+
 lint: venv
 	$(PY) -m ruff check airflow_provider_kluster tests example_dags benchmarks scripts
+	$(PY) -m ruff format --check airflow_provider_kluster tests example_dags benchmarks scripts
 
 ## demo: run the example DAG end to end against the emulator (or the real kluster.ai with KLUSTER_API_KEY set)
 demo: venv
@@ -37,4 +45,4 @@ benchmark: venv
 	$(PY) benchmarks/many_triggers.py
 
 clean:
-	rm -rf $(VENV) .airflow .pytest_cache
+	rm -rf $(VENV) .venv-airflow31 .airflow .pytest_cache

@@ -11,15 +11,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import pathlib
-import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow_provider_kluster.exceptions import KlusterRequestFileError
-from airflow_provider_kluster.hooks.kluster import BATCH_ENDPOINT, as_path
+from airflow_provider_kluster.hooks.kluster import BATCH_ENDPOINT
+from airflow_provider_kluster.paths import as_path, move_into_place, temp_sibling
 
 if TYPE_CHECKING:
     from airflow_provider_kluster.hooks.kluster import PathLike
@@ -466,7 +464,7 @@ def write_request_file(
     """
     dest = as_path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+    tmp = temp_sibling(dest)
     checker = _LineChecker(known_models=None, max_errors=max_errors)
     digest = hashlib.sha256()
     size = count = 0
@@ -489,7 +487,7 @@ def write_request_file(
         if checker.problems:
             checker.resolve_duplicates(tmp)
             _raise_write_problems(dest, checker)
-        _move(tmp, dest)
+        move_into_place(tmp, dest)
     finally:
         with contextlib.suppress(OSError):
             if tmp.exists():
@@ -512,10 +510,3 @@ def _raise_write_problems(dest: Any, checker: _LineChecker) -> None:
     if checker.truncated:
         lines.append("  ...and more")
     raise KlusterRequestFileError("\n".join(lines), problems)
-
-
-def _move(tmp: Any, dest: Any) -> None:
-    if isinstance(dest, pathlib.Path):
-        os.replace(tmp, dest)
-    else:
-        tmp.rename(dest)

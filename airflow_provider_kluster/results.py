@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import pathlib
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from airflow_provider_kluster.hooks.kluster import as_path
+from airflow_provider_kluster.paths import as_path, move_into_place, temp_sibling
 
 if TYPE_CHECKING:
     from airflow_provider_kluster.hooks.kluster import PathLike
@@ -412,14 +409,11 @@ def _records_writer(dest: Any) -> Iterator[IO[str] | None]:
         yield None
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+    tmp = temp_sibling(dest)
     try:
         with tmp.open("w", encoding="utf-8") as out:
             yield out
-        if isinstance(dest, pathlib.Path):
-            os.replace(tmp, dest)
-        else:
-            tmp.rename(dest)
+        move_into_place(tmp, dest)
     finally:
         with contextlib.suppress(OSError):
             if tmp.exists():

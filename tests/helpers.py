@@ -79,7 +79,10 @@ def run_deferred(operator, context: dict, timeout: float = 30.0):
     """Execute a deferrable operator: catch its deferral, run the trigger, resume it with the event."""
     import asyncio
 
-    from airflow.sdk.exceptions import TaskDeferred
+    try:
+        from airflow.sdk.exceptions import TaskDeferred
+    except ImportError:  # Airflow < 3.2
+        from airflow.exceptions import TaskDeferred
 
     try:
         return operator.execute(context)

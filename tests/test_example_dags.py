@@ -23,7 +23,10 @@ def example_env(emulator, monkeypatch, tmp_path, airflow_db):
 
 
 def load_dagbag():
-    from airflow.dag_processing.dagbag import DagBag
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow < 3.2
+        from airflow.models.dagbag import DagBag
 
     return DagBag(dag_folder=str(EXAMPLE_DAGS))
 

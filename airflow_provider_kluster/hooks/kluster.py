@@ -8,7 +8,6 @@ import hashlib
 import os
 import pathlib
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +27,7 @@ from airflow_provider_kluster.exceptions import (
     KlusterNotFoundError,
     KlusterTransientAPIError,
 )
+from airflow_provider_kluster.paths import as_path, move_into_place, temp_sibling
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, ObjectStoragePath
@@ -189,18 +189,6 @@ def _error_detail(body: object, response: httpx2.Response | None) -> str:
             if text:
                 return text[:500]
     return "no error message in the response"
-
-
-def as_path(location: PathLike) -> pathlib.Path | ObjectStoragePath:
-    """Turn a local path, ``file://`` or object-storage URI, or an ObjectStoragePath into a path object."""
-    if isinstance(location, pathlib.PurePath) or hasattr(location, "fs"):
-        return location  # type: ignore[return-value]
-    text = os.fspath(location)
-    if "://" in text:
-        from airflow.sdk import ObjectStoragePath
-
-        return ObjectStoragePath(text)
-    return pathlib.Path(text)
 
 
 class KlusterHook(BaseHook):
@@ -396,7 +384,7 @@ class KlusterHook(BaseHook):
         """
         dest = as_path(destination)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+        tmp = temp_sibling(dest)
         written = 0
         try:
             for attempt in range(1, attempts + 1):
@@ -417,7 +405,7 @@ class KlusterHook(BaseHook):
                     )
                 except openai.OpenAIError as exc:
                     raise self._error(exc, "download file", file_id) from None
-            tmp.rename(dest) if not isinstance(dest, pathlib.Path) else os.replace(tmp, dest)
+            move_into_place(tmp, dest)
         finally:
             with contextlib.suppress(FileNotFoundError, OSError):
                 if tmp.exists():

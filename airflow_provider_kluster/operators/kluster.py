@@ -26,10 +26,10 @@ from airflow_provider_kluster.hooks.kluster import (
     BATCH_ENDPOINT,
     COMPLETION_WINDOWS,
     KlusterHook,
-    as_path,
     build_metadata,
 )
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
+from airflow_provider_kluster.paths import as_path
 from airflow_provider_kluster.reattach import (
     DEFAULT_SCAN_LIMIT,
     FINGERPRINT_KEY,
