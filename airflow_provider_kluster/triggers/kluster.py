@@ -87,9 +87,9 @@ class KlusterBatchTrigger(BaseTrigger):
         last: KlusterBatch | None = None
         await self._sleep(random.uniform(0, min(self.poll_interval, FIRST_POLL_SPREAD)))
         while True:
-            if self.deadline is not None and time.time() >= self.deadline:
-                yield TriggerEvent(self._timeout_event(last))
-                return
+            # Poll before looking at the deadline: a batch that finished just in time is not timed out (and not
+            # cancelled), and a timeout reports the status the batch really had.
+            delay = self.poll_interval
             try:
                 batch = await hook.aget_batch(self.batch_id)
             except KlusterAPIError as exc:
@@ -100,14 +100,8 @@ class KlusterBatchTrigger(BaseTrigger):
                         if not exc.is_transient
                         else f"{errors_in_a_row} failures in a row"
                     )
-                    yield TriggerEvent(
-                        make_event(
-                            "error",
-                            self.batch_id,
-                            batch=last,
-                            message=f"Stopped waiting for batch {self.batch_id} after {reason}: {exc}",
-                        )
-                    )
+                    message = f"Stopped waiting for batch {self.batch_id} after {reason}: {exc}"
+                    yield TriggerEvent(make_event("error", self.batch_id, batch=last, message=message))
                     return
                 delay = min(self.poll_interval, 2.0**errors_in_a_row)
                 self.log.warning(
@@ -118,15 +112,17 @@ class KlusterBatchTrigger(BaseTrigger):
                     delay,
                     exc,
                 )
-                await self._sleep(delay)
-                continue
-            errors_in_a_row = 0
-            last = batch
-            self.log.info("%s", progress.describe(batch))
-            if batch.is_terminal:
-                yield TriggerEvent(event_for_batch(batch))
+            else:
+                errors_in_a_row = 0
+                last = batch
+                self.log.info("%s", progress.describe(batch))
+                if batch.is_terminal:
+                    yield TriggerEvent(event_for_batch(batch))
+                    return
+            if self.deadline is not None and time.time() >= self.deadline:
+                yield TriggerEvent(self._timeout_event(last))
                 return
-            await self._sleep(self.poll_interval)
+            await self._sleep(delay)
 
     async def _sleep(self, seconds: float) -> None:
         if self.deadline is not None:

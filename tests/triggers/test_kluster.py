@@ -160,6 +160,23 @@ def test_deadline_fires_a_timeout_event(emulator, submit):
     assert "deadline" in event["message"]
 
 
+def test_a_batch_finished_at_the_deadline_is_not_timed_out(emulator, submit, hook):
+    batch_id = submit()
+    wait_for(hook, batch_id)
+    (event,) = run_trigger(make(batch_id, deadline=time.time() - 60))  # picked up after its deadline
+    assert event["status"] == "success"
+    assert emulator.emulator.counters.get("POST /v1/batches/{id}/cancel", 0) == 0
+
+
+def test_a_timeout_reports_the_status_the_batch_had(emulator, submit, hook):
+    batch_id = submit()
+    emulator.emulator.faults.stick_batch(batch_id, "in_progress")
+    wait_for(hook, batch_id, until=lambda b: b.status_text == "in_progress")
+    (event,) = run_trigger(make(batch_id, deadline=time.time() - 60))
+    assert event["status"] == "timeout"
+    assert "still in_progress" in event["message"]
+
+
 def test_deadline_survives_a_triggerer_restart(emulator, submit):
     batch_id = submit()
     emulator.emulator.faults.stick_batch(batch_id, "in_progress")
