@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -34,10 +35,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
+
+if TYPE_CHECKING:
+    from airflow_provider_kluster.emulator.server import EmulatorServer
 
 #: Component name -> ``airflow`` sub-command (the api-server gets its host and port appended).
 COMPONENTS: dict[str, list[str]] = {
@@ -449,6 +453,22 @@ class AirflowCluster:
         proc = self.procs.get(name)
         return proc is not None and proc.poll() is None
 
+    def descendants(self, name: str) -> list[int]:
+        """PIDs of every live process below a component's main process (Linux ``/proc``)."""
+        return descendants_of(self.pid(name))
+
+    def task_process(self, ti_id: str) -> int | None:
+        """PID of the process running task instance ``ti_id`` under the scheduler's LocalExecutor, if any.
+
+        The executor's worker forks a supervisor, which forks the task runner; the runner retitles itself
+        ``airflow worker -- <ti uuid>`` (setproctitle) once it has the task instance to run.
+        """
+        title = f"airflow worker -- {ti_id}"
+        for pid in self.descendants("scheduler"):
+            if process_cmdline(pid).startswith(title):
+                return pid
+        return None
+
     def check_alive(self) -> None:
         """Raise if a started component exited."""
         dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
@@ -583,3 +603,167 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:  # pragma: no cover
         return True
     return True
+
+
+# -- processes (Linux /proc) ---------------------------------------------------------------------------------
+def process_cmdline(pid: int) -> str:
+    """A process's command line, arguments joined by spaces ('' once it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[1])
+
+
+def descendants_of(root: int) -> list[int]:
+    """PIDs of every live process below ``root`` (children, grandchildren, ...), in no particular order."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parent = _parent_pid(int(entry.name))
+            if parent is not None:
+                children[parent].append(int(entry.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+# -- the kluster emulator (in-process EmulatorServer) ------------------------------------------------------
+CANCEL_ROUTE = "POST /v1/batches/{id}/cancel"
+POLL_ROUTE = "GET /v1/batches/{id}"
+CANCELLED = frozenset({"cancelling", "cancelled"})
+RUNNING_BATCH_STATES = frozenset({"pre_schedule", "validating", "in_progress", "finalizing"})
+
+
+def batches_of_run(server: EmulatorServer, run_id: str) -> list[dict[str, Any]]:
+    """The emulator's batches whose metadata names ``airflow_run_id=run_id``, oldest first."""
+    found = []
+    for batch_id in server.emulator.list_batch_ids():
+        try:
+            raw = server.emulator.get_batch_raw(batch_id)
+        except KeyError:
+            continue
+        if (raw.get("metadata") or {}).get("airflow_run_id") == run_id:
+            found.append(raw)
+    return list(reversed(found))
+
+
+def wait_for_batch(server: EmulatorServer, run_id: str, *, attempt: int = 1, timeout: float = 60) -> str:
+    """Wait until the run's ``attempt``-th batch exists and is ``in_progress``; return its id."""
+
+    def check() -> str | None:
+        batches = batches_of_run(server, run_id)
+        if len(batches) >= attempt and batches[attempt - 1]["status"] == "in_progress":
+            return batches[attempt - 1]["id"]
+        return None
+
+    return wait_until(
+        check,
+        timeout,
+        what=f"batch #{attempt} of run {run_id} to be in_progress",
+        on_timeout=lambda: f"Batches of the run: {batches_of_run(server, run_id)}",
+    )
+
+
+def batch_status(server: EmulatorServer, batch_id: str) -> str:
+    return server.emulator.get_batch_raw(batch_id)["status"]
+
+
+def wait_for_cancel(server: EmulatorServer, batch_id: str, timeout: float = 60) -> str:
+    """Wait until the batch is ``cancelling`` or ``cancelled``; return the status."""
+    return wait_until(
+        lambda: (s := batch_status(server, batch_id)) in CANCELLED and s,
+        timeout,
+        interval=0.25,
+        what=f"batch {batch_id} to be cancelling/cancelled",
+        on_timeout=lambda: (
+            f"It is {server.emulator.get_batch_raw(batch_id)}; counters {server.emulator.counters}"
+        ),
+    )
+
+
+def cancel_calls(server: EmulatorServer) -> int:
+    return server.emulator.counters.get(CANCEL_ROUTE, 0)
+
+
+def polls(server: EmulatorServer) -> int:
+    return server.emulator.counters.get(POLL_ROUTE, 0)
+
+
+def wait_for_polling(server: EmulatorServer, since: int, timeout: float = 60) -> None:
+    """Wait until the batch was polled again after ``since`` polls (the waiter is really running)."""
+    wait_until(
+        lambda: polls(server) > since,
+        timeout,
+        interval=0.25,
+        what="the batch to be polled",
+        on_timeout=lambda: f"counters {server.emulator.counters}",
+    )
+
+
+def emulator_report(server: EmulatorServer) -> str:
+    batches = [server.emulator.get_batch_raw(i) for i in server.emulator.list_batch_ids()]
+    summary = [(b["id"], b["status"], (b.get("metadata") or {})) for b in batches]
+    return (
+        f"emulator batches: {json.dumps(summary, indent=1)}\n"
+        f"emulator faults: {server.emulator.faults.to_dict()}\n"
+        f"emulator counters: {server.emulator.counters}"
+    )
+
+
+@contextlib.contextmanager
+def released(server: EmulatorServer, batch_id: str, status: str = "in_progress") -> Any:
+    """Let one batch leave ``status`` while every other batch stays stuck; re-stick ``"*"`` on exit.
+
+    ``stick_batch("*", ...)`` is a wildcard entry that holds every batch, so releasing one batch means: stick
+    every other unfinished batch by id first, then drop the wildcard.
+    """
+    faults = server.emulator.faults
+    for other in server.emulator.list_batch_ids():
+        if other == batch_id:
+            continue
+        try:
+            if server.emulator.get_batch_raw(other)["status"] in RUNNING_BATCH_STATES:
+                faults.stick_batch(other, status)
+        except KeyError:
+            continue
+    faults.unstick_batch(batch_id)
+    faults.unstick_batch("*")
+    try:
+        yield
+    finally:
+        faults.stick_batch("*", status)
+
+
+def finish_run(cluster: AirflowCluster, server: EmulatorServer, dag_id: str, run_id: str) -> None:
+    """Best effort: fail the run (unless it ended) and wait for its still-running batches to stop, so nothing
+    of this test lands in the next test's counters."""
+
+    def running() -> list[str]:
+        return [b["id"] for b in batches_of_run(server, run_id) if b["status"] in RUNNING_BATCH_STATES]
+
+    try:
+        run = cluster.api.dag_run(dag_id, run_id)
+        if run["state"] not in ("success", "failed"):
+            cluster.api.set_run_state(dag_id, run_id, "failed")
+        wait_until(lambda: not running(), 30, what=f"batches of {run_id} to stop")
+    except Exception as exc:  # cleanup must not mask the test's outcome
+        print(f"cleanup of {dag_id} {run_id}: {exc!r}")
+        # Nobody is left to cancel them (e.g. the run ended while its task waited for a retry).
+        for batch_id in running():
+            with contextlib.suppress(Exception):
+                server.emulator.cancel_batch(batch_id)
