@@ -347,7 +347,7 @@ def _first_lines(source: Any, wanted: set[int]) -> dict[int, int]:
     return found
 
 
-def _custom_id_of(raw: bytes) -> str | None:
+def _custom_id_of(raw: bytes | str) -> str | None:
     if not raw.strip():
         return None
     try:
@@ -364,10 +364,15 @@ def iter_custom_ids(path: PathLike) -> Iterator[str]:
     Lines without a usable ``custom_id`` (blank, invalid) are skipped: validate the file first.
     """
     with as_path(path).open("rb") as handle:
-        for raw in handle:
-            custom_id = _custom_id_of(raw)
-            if custom_id is not None:
-                yield custom_id
+        yield from custom_ids_of_lines(handle)
+
+
+def custom_ids_of_lines(lines: Iterable[bytes | str]) -> Iterator[str]:
+    """Yield the ``custom_id`` of each request line (e.g. a request file streamed from kluster)."""
+    for raw in lines:
+        custom_id = _custom_id_of(raw)
+        if custom_id is not None:
+            yield custom_id
 
 
 # -- building --------------------------------------------------------------------------------------------

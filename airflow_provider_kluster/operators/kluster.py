@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from airflow_provider_kluster.reattach import (
 from airflow_provider_kluster.request_files import (
     DEFAULT_MAX_REQUESTS,
     RequestFileSummary,
+    custom_ids_of_lines,
     validate_request_file,
     write_request_file,
 )
@@ -120,14 +120,21 @@ class _RequestInputMixin:
         return path, summary
 
     def upload_once(
-        self, path: Any, identity: str, fingerprint: str, keep: frozenset[str] = frozenset()
+        self,
+        path: Any,
+        identity: str,
+        fingerprint: str,
+        *,
+        delete_stale: bool,
+        keep: frozenset[str] = frozenset(),
     ) -> str:
         """Upload the file under a name derived from task and input, unless an earlier try already did.
 
-        Uploads an earlier try left for another input of this task, and that no batch found uses, are deleted.
+        With ``delete_stale``, uploads an earlier try left for another input of this task, and that no batch in
+        ``keep`` uses, are deleted (the submit operator's own uploads: nothing else refers to them).
         """
         uploads = find_uploads(self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit)
-        for orphan in uploads.others:
+        for orphan in uploads.others if delete_stale else ():
             if orphan not in keep:
                 self.log.info(
                     "Deleting file %s, left by an earlier try of this task for another input", orphan
@@ -207,7 +214,8 @@ class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
                 endpoint=BATCH_ENDPOINT,
                 kluster_options=None,
             )
-            return self.upload_once(path, identity_from_context(context), fingerprint)
+            # Its file may feed batches of other tasks: stale uploads are left alone.
+            return self.upload_once(path, identity_from_context(context), fingerprint, delete_stale=False)
 
 
 class _BatchWaitMixin:
@@ -406,7 +414,11 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
                     file_id = self.input_file_id
                 elif self.reattach:
                     file_id = self.upload_once(
-                        path, identity, fingerprint, keep=frozenset(previous.input_file_ids)
+                        path,
+                        identity,
+                        fingerprint,
+                        delete_stale=True,
+                        keep=frozenset(previous.input_file_ids),
                     )
                 else:
                     file_id = self.hook.upload_file(path)
@@ -563,7 +575,7 @@ class KlusterGetBatchResultsOperator(BaseOperator):
                 "Input file %s is gone (removed after processing?); counting missing by totals", input_file_id
             )
             return None
-        return iter_custom_ids_from_lines(self.hook.iter_file_lines(input_file_id))
+        return custom_ids_of_lines(self.hook.iter_file_lines(input_file_id))
 
     def _check_failures(self, context: Context, manifest: dict[str, Any]) -> None:
         if self.max_failed_ratio is None or not manifest["total"]:
@@ -581,19 +593,6 @@ class KlusterGetBatchResultsOperator(BaseOperator):
                 status=manifest["status"],
                 errors=manifest["first_errors"],
             )
-
-
-def iter_custom_ids_from_lines(lines: Any) -> Any:
-    """Yield the ``custom_id`` of each JSONL line of a request file streamed from kluster."""
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(item, dict) and isinstance(item.get("custom_id"), str):
-            yield item["custom_id"]
 
 
 class KlusterCancelBatchOperator(BaseOperator):
