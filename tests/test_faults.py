@@ -41,14 +41,19 @@ def test_worker_side_wait_survives_transient_errors(kluster_conn, emulator, faul
 
 
 def test_stale_keep_alive_connections_are_transient(monkeypatch, tmp_path):
-    """Polling every ~keep-alive seconds reuses connections the server is closing: never fatal."""
+    """A reused connection the server already closed ("Server disconnected without sending a response").
+
+    The server keeps idle connections 1 s and the trigger polls every 1 s, as in the field; because the real race
+    is rare on loopback, the emulator also drops two polls' connections without a response. With no client
+    retries, only the trigger's own tolerance can carry the wait: it must treat them as transient.
+    """
     with EmulatorServer(
-        timeout_keep_alive=1, api_key=TEST_API_KEY, requests_per_second=1.5, pre_schedule_delay=0.05
+        timeout_keep_alive=1, api_key=TEST_API_KEY, requests_per_second=2, pre_schedule_delay=0.05
     ) as server:
-        # No client retries: the trigger's own tolerance must carry the wait.
         monkeypatch.setenv("AIRFLOW_CONN_KA", conn_json(server.base_url, max_retries=0))
         hook = KlusterHook("ka")
         batch_id = hook.create_batch(hook.upload_file(write_jsonl(tmp_path / "r.jsonl", request_lines(6)))).id
+        drops = server.emulator.faults.add(route="GET /v1/batches/{id}", drop_connection=True, times=2)
         trigger = KlusterBatchTrigger(
             batch_id, kluster_conn_id="ka", poll_interval=1.0, max_consecutive_errors=3
         )
@@ -57,7 +62,17 @@ def test_stale_keep_alive_connections_are_transient(monkeypatch, tmp_path):
             return [e.payload async for e in trigger.run()]
 
         events = asyncio.run(asyncio.wait_for(run(), 60))
+    assert drops.fired == 2
     assert [e["status"] for e in events] == ["success"]
+
+
+def test_a_dropped_connection_is_transient_not_permanent(kluster_conn, emulator, monkeypatch):
+    """The error a dropped connection raises is classified transient (and says what happened)."""
+    monkeypatch.setenv("AIRFLOW_CONN_NORETRY", conn_json(emulator.base_url, max_retries=0))
+    emulator.emulator.faults.add(route="GET /v1/batches/{id}", drop_connection=True, times=1)
+    with pytest.raises(KlusterTransientAPIError, match="could not reach kluster.ai") as info:
+        KlusterHook("noretry").get_batch("67533f6d1d7be1b5a7507be5")
+    assert info.value.is_transient
 
 
 # -- upload and download ---------------------------------------------------------------------------------
