@@ -1,11 +1,30 @@
-"""Apache Airflow provider for kluster.ai batch inference."""
+"""Apache Airflow provider for kluster.ai batch inference.
+
+How the package is layered — dependencies run one way, from the Airflow-facing modules down to pure ones:
+
+* **Pure modules** — ``batches`` (the batch object and wire constants), ``waiting`` (the waiting policy and the
+  events it ends with), ``request_files``, ``results``, ``paths``, ``exceptions``, ``reattach``, ``connection``
+  and ``links`` — hold the provider's decisions and data. They never import the hook, ``openai`` or
+  ``httpx2`` (not even for type checking), so each can be read and tested without a network client.
+* **The hook** (``hooks.kluster``) is the only module that talks to kluster.ai.
+* **Operators, sensors and triggers** wire the two into Airflow.
+
+``ruff`` enforces this (``banned-api`` in ``pyproject.toml``, allowed only in the hook, operators, sensors,
+triggers and the emulator), and ``tests/test_architecture.py`` checks what importing the pure modules loads.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from airflow_provider_kluster.connection import (
+    CONN_TYPE,
+    DEFAULT_BASE_URL,
+    HOOK_NAME,
+    conn_fields,
+    provider_ui_field_behaviour,
+)
 
-#: Where a newly created connection points unless the user says otherwise.
-DEFAULT_BASE_URL = "https://api.kluster.ai/v1"
+__version__ = "0.1.0"
+__all__ = ["DEFAULT_BASE_URL", "__version__", "get_provider_info"]
 
 
 def get_provider_info() -> dict:
@@ -53,31 +72,11 @@ def get_provider_info() -> dict:
         "extra-links": ["airflow_provider_kluster.links.KlusterBatchLink"],
         "connection-types": [
             {
-                "connection-type": "kluster",
+                "connection-type": CONN_TYPE,
                 "hook-class-name": "airflow_provider_kluster.hooks.kluster.KlusterHook",
-                "hook-name": "kluster.ai",
-                "conn-fields": {
-                    "timeout": {
-                        "label": "Request timeout (seconds)",
-                        "schema": {"type": ["number", "null"], "default": 60},
-                        "description": "Timeout of one HTTP request to the API.",
-                    },
-                    "max_retries": {
-                        "label": "Max retries",
-                        "schema": {"type": ["integer", "null"], "default": 5},
-                        "description": "Retries of one call on connection errors, 408, 409, 429 and 5xx.",
-                    },
-                    "platform_url": {
-                        "label": "Platform URL (extra link)",
-                        "schema": {"type": ["string", "null"], "default": "https://platform.kluster.ai"},
-                        "description": "Base of the batch page links shown in the Airflow UI.",
-                    },
-                },
-                "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login", "extra"],
-                    "relabeling": {"host": "Base URL", "password": "API key"},
-                    "placeholders": {"host": DEFAULT_BASE_URL, "password": "your kluster.ai API key"},
-                },
+                "hook-name": HOOK_NAME,
+                "conn-fields": conn_fields(),
+                "ui-field-behaviour": provider_ui_field_behaviour(),
             }
         ],
     }

@@ -1,4 +1,8 @@
-"""The batch object as kluster.ai returns it, normalized: statuses, timestamps, errors, counts."""
+"""The batch object as kluster.ai returns it, normalized: statuses, timestamps, errors, counts.
+
+Also the batch API's wire constants (endpoint, completion windows, kluster's own metadata options), one
+definition each, for the hook and the pure modules alike.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,18 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from airflow_provider_kluster.exceptions import KlusterConfigError
+
 log = logging.getLogger(__name__)
+
+#: The only endpoint kluster.ai accepts for batches (and the ``url`` of every request line).
+BATCH_ENDPOINT = "/v1/chat/completions"
+#: The completion windows kluster.ai accepts.
+COMPLETION_WINDOWS = ("24h", "48h", "72h")
+#: The metadata key under which kluster.ai reads its own batch options.
+KLUSTER_METADATA_KEY = "@kluster.ai"
+#: kluster's own batch options (sent under :data:`KLUSTER_METADATA_KEY`).
+KLUSTER_OPTIONS = frozenset({"greedy", "strict_completion_window", "remove_input_after_processing"})
 
 TIMESTAMP_FIELDS = (
     "created_at",
@@ -181,7 +196,15 @@ class KlusterBatch:
     request_counts: RequestCounts = field(default_factory=RequestCounts)
     errors: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
-    timestamps: dict[str, dt.datetime | None] = field(default_factory=dict)
+    created_at: dt.datetime | None = None
+    in_progress_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    finalizing_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    failed_at: dt.datetime | None = None
+    expired_at: dt.datetime | None = None
+    cancelling_at: dt.datetime | None = None
+    cancelled_at: dt.datetime | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -206,15 +229,14 @@ class KlusterBatch:
             request_counts=RequestCounts.parse(payload.get("request_counts")),
             errors=parse_errors(payload.get("errors")),
             metadata=dict(metadata) if isinstance(metadata, dict) else {},
-            timestamps={name: parse_timestamp(payload.get(name)) for name in TIMESTAMP_FIELDS},
             raw=dict(payload),
+            **{name: parse_timestamp(payload.get(name)) for name in TIMESTAMP_FIELDS},
         )
 
-    def __getattr__(self, name: str) -> Any:
-        # created_at, completed_at, ... read from the parsed timestamps.
-        if name in TIMESTAMP_FIELDS:
-            return self.timestamps.get(name)
-        raise AttributeError(name)
+    @property
+    def timestamps(self) -> dict[str, dt.datetime | None]:
+        """Return every lifecycle timestamp by its wire name (``created_at``, …), ``None`` where unset."""
+        return {name: getattr(self, name) for name in TIMESTAMP_FIELDS}
 
     @property
     def status_text(self) -> str:
@@ -245,3 +267,21 @@ class KlusterBatch:
             "metadata": self.metadata,
             **{name: (ts.isoformat() if ts else None) for name, ts in self.timestamps.items()},
         }
+
+
+def build_metadata(
+    metadata: dict[str, Any] | None, kluster_options: dict[str, bool] | None
+) -> dict[str, Any]:
+    """Merge user metadata and kluster's own options (under ``@kluster.ai``) into one metadata object.
+
+    :raises KlusterConfigError: An option kluster.ai does not know (nothing is sent).
+    """
+    merged: dict[str, Any] = dict(metadata or {})
+    if kluster_options:
+        unknown = set(kluster_options) - KLUSTER_OPTIONS
+        if unknown:
+            raise KlusterConfigError(
+                f"Unknown kluster_options {sorted(unknown)}; allowed: {sorted(KLUSTER_OPTIONS)}."
+            )
+        merged[KLUSTER_METADATA_KEY] = {k: bool(v) for k, v in kluster_options.items()}
+    return merged

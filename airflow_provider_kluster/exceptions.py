@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from airflow.exceptions import AirflowException
 
+#: HTTP statuses after which the same call may succeed later; besides these, every 5xx and no status at all
+#: (the connection failed) are transient.
+TRANSIENT_STATUS_CODES = frozenset({408, 409, 429})
+
+
+def is_transient_status(status_code: int | None) -> bool:
+    """Tell whether a call that failed with this HTTP status (``None``: no answer) may succeed if tried later."""
+    return status_code is None or status_code in TRANSIENT_STATUS_CODES or status_code >= 500
+
 
 class KlusterError(AirflowException):
     """Base class of every kluster.ai provider error."""
@@ -35,7 +44,7 @@ class KlusterAPIError(KlusterError):
     @property
     def is_transient(self) -> bool:
         """Tell whether trying the same call again later may succeed (connection, 408, 409, 429, 5xx)."""
-        return self.status_code is None or self.status_code in (408, 409, 429) or self.status_code >= 500
+        return is_transient_status(self.status_code)
 
 
 class KlusterAuthError(KlusterAPIError):
@@ -60,6 +69,29 @@ class KlusterRequestFileError(KlusterError):
     def __init__(self, message: str, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.errors = list(errors or [])
+
+
+class KlusterInputChangedError(KlusterError):
+    """An earlier try of this task made its batch from other input, and ``on_changed_input="fail"``."""
+
+
+class KlusterBatchNotFinishedError(KlusterError):
+    """The batch is still running (or still cancelling) where the task needed it finished."""
+
+    def __init__(self, message: str, *, batch_id: str, status: str) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.status = status
+
+
+class KlusterWaitError(KlusterError):
+    """The wait for a batch broke off before the batch ended: polling failed for good (a rejected key, a batch
+    that is gone, or too many transient failures in a row). The batch itself may still be running."""
+
+    def __init__(self, message: str, *, batch_id: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.status = status
 
 
 class KlusterBatchError(KlusterError):

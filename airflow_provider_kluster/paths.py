@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import pathlib
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
-    PathLike = str | os.PathLike[str] | ObjectStoragePath
+#: Anything the provider accepts as a file location: a local path, a URI (``s3://…``) or an ObjectStoragePath.
+PathLike: TypeAlias = "str | os.PathLike[str] | ObjectStoragePath"
 
 
 def as_path(location: PathLike) -> pathlib.Path | ObjectStoragePath:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from airflow_provider_kluster.batches import BatchStatus, KlusterBatch
-
-if TYPE_CHECKING:
-    from airflow_provider_kluster.hooks.kluster import KlusterHook
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +68,14 @@ def upload_name(identity: str, fingerprint: str) -> str:
     return f"{UPLOAD_PREFIX}{identity[:16]}-{fingerprint[:16]}.jsonl"
 
 
+class BatchLister(Protocol):
+    """What the scans need from a client: the hook's listing calls (newest first, page by page)."""
+
+    def iter_batches(self) -> Iterator[KlusterBatch]: ...
+
+    def iter_files(self) -> Iterator[dict[str, Any]]: ...
+
+
 @dataclass
 class Previous:
     """What earlier tries of this task left on kluster."""
@@ -85,7 +91,7 @@ class Previous:
         return {b.input_file_id for b in batches if b.input_file_id}
 
 
-def find_previous(hook: KlusterHook, identity: str, fingerprint: str, *, scan_limit: int) -> Previous:
+def find_previous(hook: BatchLister, identity: str, fingerprint: str, *, scan_limit: int) -> Previous:
     """Scan the newest ``scan_limit`` batches for ones this task created before.
 
     A running or completed batch (an unknown status counts as running) with the same fingerprint is
@@ -114,7 +120,7 @@ class Uploads:
     others: list[str] = field(default_factory=list)
 
 
-def find_uploads(hook: KlusterHook, identity: str, fingerprint: str, *, scan_limit: int) -> Uploads:
+def find_uploads(hook: BatchLister, identity: str, fingerprint: str, *, scan_limit: int) -> Uploads:
     """Scan the newest ``scan_limit`` files for uploads of this task (by their name)."""
     name = upload_name(identity, fingerprint)
     prefix = f"{UPLOAD_PREFIX}{identity[:16]}-"

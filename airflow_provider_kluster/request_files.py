@@ -13,14 +13,11 @@ import json
 import logging
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
+from airflow_provider_kluster.batches import BATCH_ENDPOINT
 from airflow_provider_kluster.exceptions import KlusterRequestFileError
-from airflow_provider_kluster.hooks.kluster import BATCH_ENDPOINT
-from airflow_provider_kluster.paths import as_path, move_into_place, temp_sibling
-
-if TYPE_CHECKING:
-    from airflow_provider_kluster.hooks.kluster import PathLike
+from airflow_provider_kluster.paths import PathLike, as_path, move_into_place, temp_sibling
 
 log = logging.getLogger(__name__)
 

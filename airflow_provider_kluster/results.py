@@ -13,12 +13,10 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from enum import Enum
+from typing import IO, Any
 
-from airflow_provider_kluster.paths import as_path, move_into_place, temp_sibling
-
-if TYPE_CHECKING:
-    from airflow_provider_kluster.hooks.kluster import PathLike
+from airflow_provider_kluster.paths import PathLike, as_path, move_into_place, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +24,22 @@ MAX_FIRST_ERRORS = 5
 _SNIPPET_CHARS = 300
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
-# Outcome of a custom_id in the join: succeeded, or failed and where its winning failure line is.
-_SUCCEEDED = 0
-_FAILED_IN_OUTPUT = 1
-_FAILED_IN_ERRORS = 2
-_FAILED_WRITTEN = 3
+
+class JoinOutcome(Enum):
+    """Where one ``custom_id`` stands in the join."""
+
+    #: A success was read (and written): later lines for the id are duplicates.
+    SUCCEEDED = "succeeded"
+    #: Only failures so far; the winning one is in the output file, not written yet.
+    FAILED_IN_OUTPUT = "failed in output"
+    #: Only failures so far; the winning one is in the error file, not written yet.
+    FAILED_IN_ERRORS = "failed in errors"
+    #: Settled as failed or missing, and its record is written.
+    SETTLED = "settled"
+
+
+#: The file each pending failure is in, in the order the files are read.
+_PENDING_FAILURES = (JoinOutcome.FAILED_IN_OUTPUT, JoinOutcome.FAILED_IN_ERRORS)
 
 
 @dataclass
@@ -231,7 +240,7 @@ class _Join:
     """State of one join: the best outcome per ``custom_id`` and the running totals of the manifest."""
 
     def __init__(self, *, return_records: int, max_listed_ids: int) -> None:
-        self.outcome: dict[str, int] = {}
+        self.outcome: dict[str, JoinOutcome] = {}
         self.succeeded = self.failed = self.missing = 0
         self.duplicates = self.unparseable = 0
         self.usage = dict.fromkeys(_USAGE_KEYS, 0)
@@ -242,8 +251,8 @@ class _Join:
         self._return_records = return_records
         self._max_listed_ids = max_listed_ids
 
-    def first_pass(self, record: ResultRecord, where: int, out: IO[str] | None) -> None:
-        """Take one line: keep its outcome per id, and emit it now when it is the first success."""
+    def read_line(self, record: ResultRecord, where: JoinOutcome, out: IO[str] | None) -> None:
+        """Pass one: take a line of the file ``where`` stands for; write it now if it is the id's first success."""
         custom_id = record.custom_id
         if custom_id is None:
             self.unparseable += 1
@@ -252,29 +261,30 @@ class _Join:
         seen = self.outcome.get(custom_id)
         if seen is not None:
             self.duplicates += 1
-            if seen == _SUCCEEDED or not record.succeeded:
+            if seen is JoinOutcome.SUCCEEDED or not record.succeeded:
                 return
         if record.succeeded:
-            self.outcome[custom_id] = _SUCCEEDED
+            self.outcome[custom_id] = JoinOutcome.SUCCEEDED
             self.succeeded += 1
             self._emit(record, out)
         else:
             self.outcome[custom_id] = where
 
-    def second_pass(self, record: ResultRecord, where: int, out: IO[str] | None) -> None:
-        """Take one line again: emit it when it is the first failure of an id that never succeeded."""
-        if record.custom_id is None or record.succeeded or self.outcome.get(record.custom_id) != where:
+    def write_winning_failure(self, record: ResultRecord, where: JoinOutcome, out: IO[str] | None) -> None:
+        """Pass two: take a line again; write it if it is the first failure of an id that never succeeded."""
+        if record.custom_id is None or record.succeeded or self.outcome.get(record.custom_id) is not where:
             return
-        self.outcome[record.custom_id] = _FAILED_WRITTEN
+        self.outcome[record.custom_id] = JoinOutcome.SETTLED
         self.failed += 1
         if len(self.failed_ids) < self._max_listed_ids:
             self.failed_ids.append(record.custom_id)
         self._note_error(record.error)
         self._emit(record, out)
 
-    def failures_in(self) -> set[int]:
-        """Return where the winning failures are (``_FAILED_IN_OUTPUT`` and/or ``_FAILED_IN_ERRORS``)."""
-        return {where for where in self.outcome.values() if where in (_FAILED_IN_OUTPUT, _FAILED_IN_ERRORS)}
+    def files_with_pending_failures(self) -> list[JoinOutcome]:
+        """Return which files hold winning failures not written yet, in reading order."""
+        pending = set(self.outcome.values())
+        return [where for where in _PENDING_FAILURES if where in pending]
 
     def add_missing(self, custom_id: str, out: IO[str] | None) -> None:
         """Count an expected id with no line in either file."""
@@ -331,22 +341,22 @@ def join_results(
         ``records_path``.
     """
     sources = {
-        _FAILED_IN_OUTPUT: _existing(output_path, "output"),
-        _FAILED_IN_ERRORS: _existing(error_path, "error"),
+        JoinOutcome.FAILED_IN_OUTPUT: _existing(output_path, "output"),
+        JoinOutcome.FAILED_IN_ERRORS: _existing(error_path, "error"),
     }
     join = _Join(return_records=max(0, return_records), max_listed_ids=max(0, max_listed_ids))
     dest = as_path(records_path) if records_path is not None else None
     with _records_writer(dest) as out:
         for where, source in sources.items():
             for record in _iter_records(source):
-                join.first_pass(record, where, out)
-        for where in sorted(join.failures_in()):
+                join.read_line(record, where, out)
+        for where in join.files_with_pending_failures():
             for record in _iter_records(sources[where]):
-                join.second_pass(record, where, out)
+                join.write_winning_failure(record, where, out)
         if expected_ids is not None:
             for custom_id in expected_ids:
                 if custom_id not in join.outcome:
-                    join.outcome[custom_id] = _FAILED_WRITTEN  # an id listed twice is missing once
+                    join.outcome[custom_id] = JoinOutcome.SETTLED  # an id listed twice is missing once
                     join.add_missing(custom_id, out)
         elif expected_total is not None:
             join.missing = max(0, expected_total - join.succeeded - join.failed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import pathlib
 import time
 from collections.abc import Iterator
@@ -17,8 +16,25 @@ import httpx2
 import openai
 from airflow.sdk.bases.hook import BaseHook
 
-from airflow_provider_kluster import DEFAULT_BASE_URL
-from airflow_provider_kluster.batches import KlusterBatch
+# The wire constants and defaults live in the pure modules; they are imported here (and so stay importable
+# from the hook, where earlier releases defined them).
+from airflow_provider_kluster.batches import (
+    BATCH_ENDPOINT,
+    COMPLETION_WINDOWS,
+    KLUSTER_METADATA_KEY,
+    KlusterBatch,
+    build_metadata,
+)
+from airflow_provider_kluster.connection import (
+    CONN_TYPE,
+    DEFAULT_BASE_URL,
+    DEFAULT_CONN_ID,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PLATFORM_URL,
+    DEFAULT_TIMEOUT,
+    HOOK_NAME,
+    ui_field_behaviour,
+)
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
     KlusterAuthError,
@@ -26,20 +42,24 @@ from airflow_provider_kluster.exceptions import (
     KlusterConfigError,
     KlusterNotFoundError,
     KlusterTransientAPIError,
+    is_transient_status,
 )
-from airflow_provider_kluster.paths import as_path, move_into_place, temp_sibling
+from airflow_provider_kluster.paths import PathLike, as_path, move_into_place, temp_sibling
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, ObjectStoragePath
 
-    PathLike = str | os.PathLike[str] | ObjectStoragePath
+__all__ = [
+    "BATCH_ENDPOINT",
+    "COMPLETION_WINDOWS",
+    "KLUSTER_METADATA_KEY",
+    "ClientSettings",
+    "KlusterHook",
+    "PathLike",
+    "build_metadata",
+    "settings_from_connection",
+]
 
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_MAX_RETRIES = 5
-DEFAULT_PLATFORM_URL = "https://platform.kluster.ai"
-BATCH_ENDPOINT = "/v1/chat/completions"
-COMPLETION_WINDOWS = ("24h", "48h", "72h")
-KLUSTER_METADATA_KEY = "@kluster.ai"
 DOWNLOAD_CHUNK = 1024 * 1024
 LIST_PAGE_SIZE = 100
 
@@ -158,7 +178,7 @@ def api_error(exc: Exception, *, call: str, resource_id: str | None, secret: str
         parts.append(". Check the id, and that the connection uses the API key that created it.")
     elif status_code in (400, 422):
         cls = KlusterBadRequestError
-    elif status_code is None or status_code in (408, 409, 429) or status_code >= 500:
+    elif is_transient_status(status_code):
         cls = KlusterTransientAPIError
         parts.append(". This looks transient and persisted through every retry; try again later.")
     else:
@@ -204,9 +224,9 @@ class KlusterHook(BaseHook):
     """
 
     conn_name_attr = "kluster_conn_id"
-    default_conn_name = "kluster_default"
-    conn_type = "kluster"
-    hook_name = "kluster.ai"
+    default_conn_name = DEFAULT_CONN_ID
+    conn_type = CONN_TYPE
+    hook_name = HOOK_NAME
 
     def __init__(
         self,
@@ -224,12 +244,8 @@ class KlusterHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Return the connection form layout (Airflow 3.1 reads this; 3.2+ reads ``conn-fields``)."""
-        return {
-            "hidden_fields": ["schema", "port", "login", "extra"],
-            "relabeling": {"host": "Base URL", "password": "API key"},
-            "placeholders": {"host": DEFAULT_BASE_URL, "password": "your kluster.ai API key"},
-        }
+        """Return the connection form layout (Airflow 3.1 reads this; 3.2+ reads the provider info)."""
+        return ui_field_behaviour()
 
     # -- connection and clients ------------------------------------------------------------------------
 
@@ -541,22 +557,6 @@ class KlusterHook(BaseHook):
                 break
             result.append(batch)
         return result
-
-
-def build_metadata(
-    metadata: dict[str, Any] | None, kluster_options: dict[str, bool] | None
-) -> dict[str, Any]:
-    """Merge user metadata and kluster's own options (under ``@kluster.ai``) into one metadata object."""
-    merged: dict[str, Any] = dict(metadata or {})
-    if kluster_options:
-        allowed = {"greedy", "strict_completion_window", "remove_input_after_processing"}
-        unknown = set(kluster_options) - allowed
-        if unknown:
-            raise KlusterConfigError(
-                f"Unknown kluster_options {sorted(unknown)}; allowed: {sorted(allowed)}."
-            )
-        merged[KLUSTER_METADATA_KEY] = {k: bool(v) for k, v in kluster_options.items()}
-    return merged
 
 
 def _malformed(exc: Exception, call: str, resource_id: str | None) -> KlusterTransientAPIError:

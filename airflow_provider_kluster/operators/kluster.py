@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import time
 from collections.abc import Sequence
@@ -13,20 +12,26 @@ from typing import TYPE_CHECKING, Any
 from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 
-from airflow_provider_kluster.batches import BatchStatus
+from airflow_provider_kluster.batches import (
+    BATCH_ENDPOINT,
+    COMPLETION_WINDOWS,
+    BatchStatus,
+    KlusterBatch,
+    build_metadata,
+)
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
+    KlusterBatchCancelledError,
+    KlusterBatchError,
+    KlusterBatchExpiredError,
+    KlusterBatchFailedError,
+    KlusterBatchNotFinishedError,
     KlusterConfigError,
-    KlusterError,
+    KlusterInputChangedError,
     KlusterNotFoundError,
     KlusterTooManyFailuresError,
 )
-from airflow_provider_kluster.hooks.kluster import (
-    BATCH_ENDPOINT,
-    COMPLETION_WINDOWS,
-    KlusterHook,
-    build_metadata,
-)
+from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
 from airflow_provider_kluster.paths import as_path
 from airflow_provider_kluster.reattach import (
@@ -49,8 +54,15 @@ from airflow_provider_kluster.request_files import (
     write_request_file,
 )
 from airflow_provider_kluster.results import join_results
-from airflow_provider_kluster.triggers.kluster import DEFAULT_MAX_CONSECUTIVE_ERRORS, KlusterBatchTrigger
-from airflow_provider_kluster.waiting import raise_for_event, validate_event
+from airflow_provider_kluster.triggers.kluster import KlusterBatchTrigger
+from airflow_provider_kluster.waiting import (
+    DEFAULT_MAX_CONSECUTIVE_ERRORS,
+    WaitOutcome,
+    WaitPolicy,
+    raise_for_event,
+    run_sync_wait,
+    validate_event,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -242,15 +254,27 @@ class _BatchWaitMixin:
         )
 
     def wait_for_batch(self, context: Context, batch_id: str, deadline: float | None) -> str:
-        """Wait until the batch is terminal; raise unless it completed; return the batch id."""
-        trigger = self.make_trigger(batch_id, deadline)
+        """Wait until the batch is terminal; raise unless it completed; return the batch id.
+
+        Deferred: the trigger waits in the triggerer. Otherwise the same policy is driven here with plain
+        blocking polls (no event loop, no random first-poll delay).
+        """
         if self.deferrable:
             # timeout=None: the trigger's own deadline fires a "timeout" event that reaches execute_complete,
             # which cancels the batch; a framework timeout would skip both (apache/airflow#67360).
             self.defer(  # type: ignore[attr-defined]
-                trigger=trigger, method_name="execute_complete", kwargs={"batch_id": batch_id}, timeout=None
+                trigger=self.make_trigger(batch_id, deadline),
+                method_name="execute_complete",
+                kwargs={"batch_id": batch_id},
+                timeout=None,
             )
-        event = asyncio.run(_first_event(trigger))
+        policy = WaitPolicy(
+            batch_id=batch_id,
+            poll_interval=self.poll_interval,
+            deadline=deadline,
+            max_consecutive_errors=self.max_consecutive_errors,
+        )
+        event = run_sync_wait(policy, lambda: self.hook.get_batch(batch_id), log=self.log)
         return self.execute_complete(context, event, batch_id=batch_id)
 
     def execute_complete(
@@ -260,7 +284,7 @@ class _BatchWaitMixin:
         checked = validate_event(event, batch_id)
         self._batch_id = checked["batch_id"]
         self.log.info("%s", checked["message"])
-        if checked["status"] == "timeout":
+        if checked["status"] == WaitOutcome.TIMEOUT:
             self._cancel(checked["batch_id"], "the wait passed its deadline")
         raise_for_event(checked)
         return checked["batch_id"]
@@ -279,12 +303,6 @@ class _BatchWaitMixin:
         batch_id = getattr(self, "_batch_id", None)
         if batch_id and self.cancel_on_kill:
             self._cancel(batch_id, "its task was killed")
-
-
-async def _first_event(trigger: KlusterBatchTrigger) -> dict[str, Any]:
-    async for event in trigger.run():
-        return event.payload
-    raise KlusterError(f"The wait for batch {trigger.batch_id} ended without an event.")
 
 
 class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperator):
@@ -384,6 +402,18 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         self._batch_id: str | None = None
 
     def execute(self, context: Context) -> str:
+        metadata = self.check_parameters()
+        identity = identity_from_context(context)
+        with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
+            path, fingerprint = self.prepare_submission(workdir)
+            batch = self.find_or_create_batch(path, identity, fingerprint, metadata)
+        self.publish(context, batch)
+        if not self.wait_for_completion:
+            return batch.id
+        return self.wait_for_batch(context, batch.id, self.deadline_of(batch))
+
+    def check_parameters(self) -> dict[str, Any]:
+        """Refuse bad parameters before any call; return the batch metadata (kluster options checked)."""
         _check_single_input(
             input_file=self.input_file, input_file_id=self.input_file_id, requests=self.requests
         )
@@ -396,49 +426,59 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             raise KlusterConfigError(
                 f"on_changed_input {self.on_changed_input!r} is not one of {', '.join(ON_CHANGED_INPUT)}."
             )
-        metadata = build_metadata(self.metadata, self.kluster_options)  # checks the options before any call
-        identity = identity_from_context(context)
-        with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
-            path, summary = (None, None) if self.input_file_id else self.prepare_input(workdir)
-            fingerprint = input_fingerprint(
-                content_sha256=summary.sha256 if summary else None,
-                input_file_id=self.input_file_id,
-                completion_window=self.completion_window,
-                endpoint=BATCH_ENDPOINT,
-                kluster_options=self.kluster_options,
+        return build_metadata(self.metadata, self.kluster_options)
+
+    def prepare_submission(self, workdir: str) -> tuple[Any, str]:
+        """Build or take the request file and validate it (unless given a file id); return it and its fingerprint."""
+        path, summary = (None, None) if self.input_file_id else self.prepare_input(workdir)
+        fingerprint = input_fingerprint(
+            content_sha256=summary.sha256 if summary else None,
+            input_file_id=self.input_file_id,
+            completion_window=self.completion_window,
+            endpoint=BATCH_ENDPOINT,
+            kluster_options=self.kluster_options,
+        )
+        return path, fingerprint
+
+    def find_or_create_batch(
+        self, path: Any, identity: str, fingerprint: str, metadata: dict[str, Any]
+    ) -> KlusterBatch:
+        """Reattach to the batch an earlier try made from the same input, or upload (once) and create one."""
+        previous = self._earlier_tries(identity, fingerprint) if self.reattach else Previous()
+        if previous.reusable is not None:
+            return previous.reusable
+        if self.input_file_id:
+            file_id = self.input_file_id
+        elif self.reattach:
+            file_id = self.upload_once(
+                path, identity, fingerprint, delete_stale=True, keep=frozenset(previous.input_file_ids)
             )
-            previous = self._earlier_tries(identity, fingerprint) if self.reattach else Previous()
-            batch = previous.reusable
-            if batch is None:
-                if self.input_file_id:
-                    file_id = self.input_file_id
-                elif self.reattach:
-                    file_id = self.upload_once(
-                        path,
-                        identity,
-                        fingerprint,
-                        delete_stale=True,
-                        keep=frozenset(previous.input_file_ids),
-                    )
-                else:
-                    file_id = self.hook.upload_file(path)
-                batch = self.hook.create_batch(
-                    file_id,
-                    completion_window=self.completion_window,
-                    metadata={**metadata, IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint},
-                )
+        else:
+            file_id = self.hook.upload_file(path)
+        return self.hook.create_batch(
+            file_id,
+            completion_window=self.completion_window,
+            metadata={**metadata, IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint},
+        )
+
+    def publish(self, context: Context, batch: KlusterBatch) -> None:
+        """Push the batch id and its page to XCom and the extra link, before any wait, so the UI shows it."""
         self._batch_id = batch.id
         url = batch_url(self.hook.settings.platform_url, batch.id)
         context["ti"].xcom_push(key=BATCH_ID_KEY, value=batch.id)
         context["ti"].xcom_push(key=BATCH_URL_KEY, value=url)
         KlusterBatchLink.persist(context, url)
         self.log.info("Batch %s (%s): %s", batch.id, batch.status_text, url)
-        if not self.wait_for_completion:
-            return batch.id
-        # The deadline counts from the batch's creation, so a retry that reattaches does not extend it.
+
+    def deadline_of(self, batch: KlusterBatch) -> float | None:
+        """Return the wait's deadline (epoch seconds) counted from the batch's creation, or ``None``.
+
+        A retry that reattaches to the batch therefore does not extend it.
+        """
+        if not self.timeout_seconds:
+            return None
         created = batch.created_at.timestamp() if batch.created_at else time.time()
-        deadline = created + self.timeout_seconds if self.timeout_seconds else None
-        return self.wait_for_batch(context, batch.id, deadline)
+        return created + self.timeout_seconds
 
     def _earlier_tries(self, identity: str, fingerprint: str) -> Previous:
         previous = find_previous(self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit)
@@ -446,7 +486,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             self.log.info("An earlier try's batch %s ended %s; submitting a new one", old.id, old.status_text)
         for old in previous.changed:
             if self.on_changed_input == "fail":
-                raise KlusterConfigError(
+                raise KlusterInputChangedError(
                     f"An earlier try of this task created batch {old.id} ({old.status_text}) from different input "
                     "or settings, and on_changed_input='fail'. Cancel or accept that batch, or set "
                     "on_changed_input='resubmit' to submit the new input."
@@ -517,18 +557,7 @@ class KlusterGetBatchResultsOperator(BaseOperator):
         batch = self.hook.get_batch(self.batch_id)
         url = batch_url(self.hook.settings.platform_url, batch.id)
         KlusterBatchLink.persist(context, url)
-        partial = batch.status in (BatchStatus.EXPIRED, BatchStatus.CANCELLED)
-        if batch.status is not BatchStatus.COMPLETED and not (partial and self.allow_unfinished):
-            raise KlusterConfigError(
-                f"Batch {batch.id} is {batch.status_text}, not completed: "
-                + (
-                    "wait for it first (KlusterBatchSensor or wait_for_completion=True)."
-                    if batch.is_running
-                    else "set allow_unfinished=True to fetch the requests that did finish."
-                    if partial
-                    else "it has no results to fetch."
-                )
-            )
+        self._check_finished(batch)
         dest = as_path(self.destination)
         output_path = error_path = None
         if batch.output_file_id:
@@ -563,6 +592,32 @@ class KlusterGetBatchResultsOperator(BaseOperator):
         )
         self._check_failures(context, manifest)
         return manifest
+
+    def _check_finished(self, batch: KlusterBatch) -> None:
+        """Raise unless the batch has results to fetch: completed, or ended partly with ``allow_unfinished``."""
+        if batch.status is BatchStatus.COMPLETED:
+            return
+        partial = batch.status in (BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+        if partial and self.allow_unfinished:
+            return
+        prefix = f"Batch {batch.id} is {batch.status_text}, not completed: "
+        if batch.is_running:
+            raise KlusterBatchNotFinishedError(
+                prefix + "wait for it first (KlusterBatchSensor or wait_for_completion=True).",
+                batch_id=batch.id,
+                status=batch.status_text,
+            )
+        ended: type[KlusterBatchError] = KlusterBatchFailedError
+        if batch.status is BatchStatus.EXPIRED:
+            ended = KlusterBatchExpiredError
+        elif batch.status is BatchStatus.CANCELLED:
+            ended = KlusterBatchCancelledError
+        advice = (
+            "set allow_unfinished=True to fetch the requests that did finish."
+            if partial
+            else "it has no results to fetch."
+        )
+        raise ended(prefix + advice, batch_id=batch.id, status=batch.status_text, errors=batch.errors)
 
     def _input_ids(self, input_file_id: str | None) -> Any:
         """Stream the custom_ids of the batch's input file from kluster; ``None`` if it is gone."""
@@ -634,14 +689,28 @@ class KlusterCancelBatchOperator(BaseOperator):
             self.log.info("Batch %s already ended %s; nothing to cancel", batch.id, batch.status_text)
             return batch.status_text
         batch = hook.cancel_batch(self.batch_id)
-        deadline = time.monotonic() + self.timeout_seconds
-        while self.wait_for_cancellation and not batch.is_terminal:
-            if time.monotonic() > deadline:
-                raise KlusterError(
-                    f"Batch {batch.id} is still {batch.status_text} {self.timeout_seconds:.0f}s after cancelling; "
-                    "kluster can take up to 10 minutes. Check it later or raise timeout."
-                )
-            time.sleep(self.poll_interval)
-            batch = hook.get_batch(self.batch_id)
-        self.log.info("Batch %s is %s", batch.id, batch.status_text)
-        return batch.status_text
+        if self.wait_for_cancellation and not batch.is_terminal:
+            batch_status = self._wait_until_ended(hook)
+        else:
+            batch_status = batch.status_text
+        self.log.info("Batch %s is %s", self.batch_id, batch_status)
+        return batch_status
+
+    def _wait_until_ended(self, hook: KlusterHook) -> str:
+        """Poll (with the same waiting policy as every other wait) until the batch ends; return its status."""
+        policy = WaitPolicy(
+            batch_id=self.batch_id,
+            poll_interval=self.poll_interval,
+            deadline=time.time() + self.timeout_seconds,
+        )
+        event = run_sync_wait(policy, lambda: hook.get_batch(self.batch_id), log=self.log)
+        if event["status"] == WaitOutcome.TIMEOUT:
+            raise KlusterBatchNotFinishedError(
+                f"Batch {self.batch_id} is still {event['batch_status']} {self.timeout_seconds:.0f}s after "
+                "cancelling; kluster can take up to 10 minutes. Check it later or raise timeout.",
+                batch_id=self.batch_id,
+                status=event["batch_status"] or "unknown",
+            )
+        if event["status"] == WaitOutcome.ERROR:
+            raise_for_event(event)
+        return str(event["batch_status"])

@@ -11,11 +11,16 @@ from typing import TYPE_CHECKING, Any
 from airflow.configuration import conf
 from airflow.sdk import BaseSensorOperator
 
-from airflow_provider_kluster.exceptions import KlusterAPIError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
-from airflow_provider_kluster.triggers.kluster import DEFAULT_MAX_CONSECUTIVE_ERRORS, KlusterBatchTrigger
-from airflow_provider_kluster.waiting import event_for_batch, raise_for_event, validate_event
+from airflow_provider_kluster.triggers.kluster import KlusterBatchTrigger
+from airflow_provider_kluster.waiting import (
+    DEFAULT_MAX_CONSECUTIVE_ERRORS,
+    WaitPolicy,
+    poll_once,
+    raise_for_event,
+    validate_event,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -24,8 +29,8 @@ if TYPE_CHECKING:
 class KlusterBatchSensor(BaseSensorOperator):
     """Wait until a kluster.ai batch finishes; fail clearly unless it completed.
 
-    In poke or reschedule mode each poke is one API call; transient errors count as "not yet" until
-    ``max_consecutive_errors`` in a row. With ``deferrable=True`` it waits in the triggerer with
+    In poke or reschedule mode each poke polls the batch once; a transient error is retried within the poke
+    (backing off) until ``max_consecutive_errors`` failed polls in a row fail the task. With ``deferrable=True`` it waits in the triggerer with
     :class:`KlusterBatchTrigger`, whose wall-clock deadline is the sensor's ``timeout``.
 
     :param batch_id: The batch to wait for (templated).
@@ -55,7 +60,6 @@ class KlusterBatchSensor(BaseSensorOperator):
         self.cancel_on_kill = cancel_on_kill
         self.max_consecutive_errors = max_consecutive_errors
         self.kluster_conn_id = kluster_conn_id
-        self._errors_in_a_row = 0
 
     @cached_property
     def hook(self) -> KlusterHook:
@@ -82,33 +86,21 @@ class KlusterBatchSensor(BaseSensorOperator):
         )
 
     def poke(self, context: Context) -> bool:
-        try:
-            batch = self.hook.get_batch(self.batch_id)
-        except KlusterAPIError as exc:
-            self._errors_in_a_row += 1
-            if not exc.is_transient or self._errors_in_a_row >= self.max_consecutive_errors:
-                raise
-            self.log.warning(
-                "Poll of batch %s failed (%d in a row tolerated of %d): %s",
-                self.batch_id,
-                self._errors_in_a_row,
-                self.max_consecutive_errors,
-                exc,
-            )
-            return False
-        self._errors_in_a_row = 0
-        counts = batch.request_counts
-        self.log.info(
-            "Batch %s %s: %d/%d done, %d failed",
-            batch.id,
-            batch.status_text,
-            counts.done,
-            counts.total,
-            counts.failed,
+        """Poll the batch once; ``False`` while it runs, ``True`` when it completed; raise when it ended otherwise.
+
+        A failed poll is retried within this poke, after the policy's backoff (``min(poke_interval, 2**n)``
+        seconds), so ``max_consecutive_errors`` means the same in every mode: in reschedule mode each poke runs
+        on a fresh operator, and a count kept between pokes would be lost.
+        """
+        policy = WaitPolicy(
+            batch_id=self.batch_id,
+            poll_interval=self.poke_interval,
+            max_consecutive_errors=self.max_consecutive_errors,
         )
-        if not batch.is_terminal:
+        decision = poll_once(policy, lambda: self.hook.get_batch(self.batch_id), log=self.log)
+        if decision.event is None:
             return False
-        raise_for_event(event_for_batch(batch))
+        raise_for_event(decision.event)
         return True
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> str:

@@ -13,10 +13,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_kluster.batches import BatchStatus, KlusterBatch
 from airflow_provider_kluster.exceptions import KlusterAPIError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
-from airflow_provider_kluster.waiting import Progress, event_for_batch, make_event
+from airflow_provider_kluster.waiting import DEFAULT_MAX_CONSECUTIVE_ERRORS, WaitPolicy
 
-#: How many failed polls in a row end the wait (each poll already retries inside the client).
-DEFAULT_MAX_CONSECUTIVE_ERRORS = 5
+__all__ = ["DEFAULT_MAX_CONSECUTIVE_ERRORS", "FIRST_POLL_SPREAD", "KlusterBatchTrigger"]
 #: The first poll waits a random share of this (capped by the poll interval), so that a triggerer restarting with
 #: a thousand waiting batches spreads their polls instead of sending them all in the same instant.
 FIRST_POLL_SPREAD = 10.0
@@ -24,6 +23,9 @@ FIRST_POLL_SPREAD = 10.0
 
 class KlusterBatchTrigger(BaseTrigger):
     """Poll a kluster.ai batch until it stops, then fire exactly one event.
+
+    What each poll means is decided by :class:`~airflow_provider_kluster.waiting.WaitPolicy`, the same rules
+    the worker-side waits follow; this class only drives it on the triggerer's event loop.
 
     Everything runs on the triggerer's event loop through the async client, shared by every trigger of the same
     connection in the process. The deadline is an absolute wall-clock instant (epoch seconds) fixed when the batch
@@ -79,67 +81,34 @@ class KlusterBatchTrigger(BaseTrigger):
             hook = self.__dict__["_kluster_hook"] = KlusterHook(self.kluster_conn_id)
         return hook
 
+    def policy(self) -> WaitPolicy:
+        """Return a fresh :class:`~airflow_provider_kluster.waiting.WaitPolicy` for this trigger's wait."""
+        return WaitPolicy(
+            batch_id=self.batch_id,
+            poll_interval=self.poll_interval,
+            deadline=self.deadline,
+            max_consecutive_errors=self.max_consecutive_errors,
+        )
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until the batch is terminal, the deadline passes, or polling fails for good; yield one event."""
         hook = self._hook()
-        progress = Progress()
-        errors_in_a_row = 0
-        last: KlusterBatch | None = None
-        await self._sleep(random.uniform(0, min(self.poll_interval, FIRST_POLL_SPREAD)))
-        while True:
-            # Poll before looking at the deadline: a batch that finished just in time is not timed out (and not
-            # cancelled), and a timeout reports the status the batch really had.
-            delay = self.poll_interval
-            try:
-                batch = await hook.aget_batch(self.batch_id)
-            except KlusterAPIError as exc:
-                errors_in_a_row += 1
-                if not exc.is_transient or errors_in_a_row >= self.max_consecutive_errors:
-                    reason = (
-                        "a permanent error"
-                        if not exc.is_transient
-                        else f"{errors_in_a_row} failures in a row"
-                    )
-                    message = f"Stopped waiting for batch {self.batch_id} after {reason}: {exc}"
-                    yield TriggerEvent(make_event("error", self.batch_id, batch=last, message=message))
-                    return
-                delay = min(self.poll_interval, 2.0**errors_in_a_row)
-                self.log.warning(
-                    "Polling batch %s failed (%d of %d in a row tolerated); next try in %.0fs: %s",
-                    self.batch_id,
-                    errors_in_a_row,
-                    self.max_consecutive_errors,
-                    delay,
-                    exc,
-                )
-            else:
-                errors_in_a_row = 0
-                last = batch
-                self.log.info("%s", progress.describe(batch))
-                if batch.is_terminal:
-                    yield TriggerEvent(event_for_batch(batch))
-                    return
-            if self.deadline is not None and time.time() >= self.deadline:
-                yield TriggerEvent(self._timeout_event(last))
-                return
-            await self._sleep(delay)
-
-    async def _sleep(self, seconds: float) -> None:
-        if self.deadline is not None:
-            seconds = max(0.0, min(seconds, self.deadline - time.time()))
-        await asyncio.sleep(seconds)
-
-    def _timeout_event(self, last: KlusterBatch | None) -> dict[str, Any]:
-        status = last.status_text if last else "unknown"
-        return make_event(
-            "timeout",
-            self.batch_id,
-            batch=last,
-            message=(
-                f"Batch {self.batch_id} was still {status} when the wait's deadline passed; "
-                "it will be cancelled. Raise the timeout or the completion window for batches this large."
-            ),
+        policy = self.policy()
+        await asyncio.sleep(
+            policy.clamp(random.uniform(0, min(self.poll_interval, FIRST_POLL_SPREAD)), time.time())
         )
+        while True:
+            # The policy decides after each poll; a batch that finished just in time is not timed out.
+            try:
+                result: KlusterBatch | KlusterAPIError = await hook.aget_batch(self.batch_id)
+            except KlusterAPIError as exc:
+                result = exc
+            decision = policy.decide(result, time.time())
+            decision.log_to(self.log)
+            if decision.event is not None:
+                yield TriggerEvent(decision.event)
+                return
+            await asyncio.sleep(decision.delay)
 
     async def on_kill(self) -> None:
         """Cancel the batch when a user acts on the deferred task (Airflow 3.3+; never on triggerer restart)."""

@@ -10,6 +10,7 @@ from airflow_provider_kluster.exceptions import (
     KlusterBatchCancelledError,
     KlusterBatchExpiredError,
     KlusterBatchFailedError,
+    KlusterBatchNotFinishedError,
     KlusterBatchTimeoutError,
     KlusterConfigError,
     KlusterRequestFileError,
@@ -242,7 +243,7 @@ def test_partial_failures_and_max_failed_ratio(kluster_conn, hook, emulator, tmp
 def test_results_of_a_running_batch_are_refused(kluster_conn, emulator, tmp_path):
     emulator.emulator.faults.stick_batch("*", "in_progress")
     batch_id = submit_op(requests=PROMPTS, model=MODEL).execute(make_context())
-    with pytest.raises(KlusterConfigError, match="wait for it first"):
+    with pytest.raises(KlusterBatchNotFinishedError, match="wait for it first"):
         KlusterGetBatchResultsOperator(task_id="r", batch_id=batch_id, destination=str(tmp_path)).execute(
             make_context()
         )
@@ -255,7 +256,7 @@ def test_results_of_a_cancelled_batch_with_allow_unfinished(kluster_conn, emulat
     wait_for(hook, batch_id, until=lambda b: b.request_counts.completed >= 2)
     hook.cancel_batch(batch_id)
     wait_for(hook, batch_id)
-    with pytest.raises(KlusterConfigError, match="allow_unfinished"):
+    with pytest.raises(KlusterBatchCancelledError, match="allow_unfinished"):
         KlusterGetBatchResultsOperator(task_id="r", batch_id=batch_id, destination=str(tmp_path)).execute(
             make_context()
         )

@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 
-from airflow_provider_kluster.exceptions import KlusterConfigError
+from airflow_provider_kluster.exceptions import KlusterInputChangedError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.operators.kluster import (
     KlusterGetBatchResultsOperator,
@@ -14,7 +14,6 @@ from airflow_provider_kluster.operators.kluster import (
     KlusterUploadFileOperator,
 )
 from airflow_provider_kluster.reattach import FINGERPRINT_KEY, IDENTITY_KEY, task_identity
-from airflow_provider_kluster.triggers.kluster import KlusterBatchTrigger
 from tests.helpers import MODEL, make_context, run_deferred, wait_for
 
 PROMPTS = ["What is 1+1?", "Name a colour.", "Say hi."]
@@ -115,7 +114,7 @@ def test_changed_input_resubmits_and_cancels_the_old_batch(kluster_conn, emulato
 def test_changed_input_fails_when_told_to(kluster_conn, emulator):
     old = attempt()[0].execute(attempt()[1])
     op, context = attempt(requests=["A different question"], on_changed_input="fail")
-    with pytest.raises(KlusterConfigError, match=f"batch {old}"):
+    with pytest.raises(KlusterInputChangedError, match=f"batch {old}"):
         op.execute(context)
     assert created(emulator) == 1
 
@@ -197,16 +196,16 @@ def test_three_crashes_one_batch_complete_results(kluster_conn, emulator, tmp_pa
         op.execute(context)
     assert (uploaded(emulator), created(emulator)) == (1, 1)
 
-    # Try 3: dies while waiting (deferred: the triggerer resumes nothing, the worker is gone).
-    async def dying_run(self):
+    # Try 3: dies while waiting on the worker (its first poll of the batch).
+    def dying_poll(self, batch_id):
         raise SimulatedCrash("killed mid-wait")
-        yield  # pragma: no cover
 
     op, context = attempt(requests=prompts, wait_for_completion=True, deferrable=False)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(KlusterBatchTrigger, "run", dying_run)
+        patch.setattr(KlusterHook, "get_batch", dying_poll)
         with pytest.raises(SimulatedCrash):
             op.execute(context)
+    assert (uploaded(emulator), created(emulator)) == (1, 1)
 
     # Try 4: reattaches and finishes.
     op, context = attempt(requests=prompts, wait_for_completion=True, deferrable=True)
