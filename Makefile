@@ -29,9 +29,11 @@ test-oldest:
 	$(UV) pip install --quiet --python .venv-airflow31/bin/python "apache-airflow>=3.1,<3.2" -e ".[test]"
 	AIRFLOW__CORE__UNIT_TEST_MODE=True .venv-airflow31/bin/python -m pytest tests -m "not scheduler"
 
+## lint: ruff (style, imports, the one-way dependency rule) and mypy (types) over the package
 lint: venv
 	$(PY) -m ruff check airflow_provider_kluster tests example_dags benchmarks scripts
 	$(PY) -m ruff format --check airflow_provider_kluster tests example_dags benchmarks scripts
+	$(PY) -m mypy
 
 ## demo: run the example DAG end to end against the emulator (or the real kluster.ai with KLUSTER_API_KEY set)
 demo: venv

@@ -25,6 +25,10 @@ class KlusterConfigError(KlusterError):
 class KlusterAPIError(KlusterError):
     """A call to the kluster.ai API failed; carries the call, the resource id, HTTP status and request id."""
 
+    # AirflowException declares ``status_code`` as the HTTPStatus the API server answers with; here it is the
+    # HTTP status kluster.ai answered (``None``: no answer), public since the first release.
+    status_code: int | None  # type: ignore[assignment]
+
     def __init__(
         self,
         message: str,

@@ -131,9 +131,9 @@ def event_for_batch(batch: KlusterBatch) -> dict[str, Any]:
 
     :raises ValueError: The batch is not terminal.
     """
-    if batch.status not in EVENT_STATUS:
+    status = EVENT_STATUS.get(batch.status) if batch.status is not None else None
+    if status is None:
         raise ValueError(f"Batch {batch.id} is {batch.status_text}, not terminal: no event to build yet.")
-    status = EVENT_STATUS[batch.status]
     counts = batch.request_counts
     message = (
         f"Batch {batch.id} {batch.status_text}: {counts.completed} of {counts.total} requests succeeded, "

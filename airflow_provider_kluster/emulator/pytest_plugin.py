@@ -10,13 +10,14 @@ Load with ``pytest_plugins = ["airflow_provider_kluster.emulator.pytest_plugin"]
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from airflow_provider_kluster.emulator.server import EmulatorServer
 
 #: Settings of the session server: fast lifecycle, quick cancellation.
-FAST_SETTINGS = {
+FAST_SETTINGS: dict[str, Any] = {
     "requests_per_second": 1000.0,
     "pre_schedule_delay": 0.05,
     "cancel_delay": 0.3,

@@ -407,7 +407,9 @@ class KlusterEmulator:
             self.register_file(file_id, dest, filename=server_name, purpose=purpose, owned=copy)
             return file_id
         file_id, dest, server_name = self.new_upload_target(filename or "upload.jsonl")
-        chunks: Iterable[bytes] = [source] if isinstance(source, (bytes, bytearray, memoryview)) else source
+        chunks: Iterable[bytes | bytearray | memoryview] = (
+            [source] if isinstance(source, (bytes, bytearray, memoryview)) else source
+        )
         with open(dest, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)

@@ -196,7 +196,8 @@ def redact(text: str, secret: str | None) -> str:
 
 def _error_detail(body: object, response: httpx2.Response | None) -> str:
     if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        error = body.get("error")
+        inner: dict[str, Any] = error if isinstance(error, dict) else body
         message = inner.get("message") or body.get("message")
         if message:
             code = inner.get("errorCode", inner.get("code"))
