@@ -9,7 +9,8 @@ import time
 from airflow_provider_kluster.batches import KlusterBatch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLES = REPO.parent / "shared" / "kluster-api" / "examples"
+# kluster.ai's published examples, copied into the repository (sources and dates in its README.md).
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "kluster"
 MODEL = "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
 
 

@@ -10,12 +10,16 @@ import pytest
 from airflow_provider_kluster.exceptions import (
     KlusterAuthError,
     KlusterConfigError,
-    KlusterError,
     KlusterRequestFileError,
 )
 from airflow_provider_kluster.operators.kluster import KlusterSubmitBatchOperator
 from tests.conftest import conn_json
 from tests.helpers import MODEL, make_context
+
+try:
+    from airflow.sdk.exceptions import AirflowNotFoundException
+except ImportError:  # Airflow 3.1: the connection lookup raises the core class
+    from airflow.exceptions import AirflowNotFoundException
 
 GOOD = {
     "custom_id": "a",
@@ -100,34 +104,47 @@ def test_missing_file(kluster_conn, no_calls, tmp_path):
 
 
 PARAMETERS = {
-    "requests-not-a-list": ({"requests": "What is 2+2?", "model": MODEL}, "must be a list"),
-    "request-item-not-usable": ({"requests": [42], "model": MODEL}, "item 0"),
-    "prompt-without-model": ({"requests": ["hi"]}, "model="),
+    "requests-not-a-list": (
+        {"requests": "What is 2+2?", "model": MODEL},
+        KlusterConfigError,
+        "must be a list",
+    ),
+    "request-item-not-usable": ({"requests": [42], "model": MODEL}, KlusterRequestFileError, "item 0"),
+    "prompt-without-model": ({"requests": ["hi"]}, KlusterRequestFileError, "model="),
     "unknown-completion-window": (
         {"requests": ["hi"], "model": MODEL, "completion_window": "2h"},
+        KlusterConfigError,
         "24h, 48h, 72h",
     ),
-    "no-input": ({}, "exactly one of"),
-    "two-inputs": ({"requests": ["hi"], "input_file_id": "f", "model": MODEL}, "exactly one of"),
+    "no-input": ({}, KlusterConfigError, "exactly one of"),
+    "two-inputs": (
+        {"requests": ["hi"], "input_file_id": "f", "model": MODEL},
+        KlusterConfigError,
+        "exactly one of",
+    ),
     "unknown-kluster-option": (
         {"requests": ["hi"], "model": MODEL, "kluster_options": {"turbo": True}},
+        KlusterConfigError,
         "turbo",
     ),
     "bad-on-changed-input": (
         {"requests": ["hi"], "model": MODEL, "on_changed_input": "ignore"},
+        KlusterConfigError,
         "on_changed_input",
     ),
 }
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), PARAMETERS.values(), ids=PARAMETERS.keys())
-def test_bad_parameters(kluster_conn, no_calls, kwargs, fragment):
-    with pytest.raises(KlusterError, match=re.escape(fragment)):
+@pytest.mark.parametrize(("kwargs", "error", "fragment"), PARAMETERS.values(), ids=PARAMETERS.keys())
+def test_bad_parameters(kluster_conn, no_calls, kwargs, error, fragment):
+    """Each bad argument raises its own class (a config mistake vs. unusable request items), naming the problem."""
+    with pytest.raises(error, match=re.escape(fragment)) as info:
         submit(**kwargs)
+    assert type(info.value) is error
 
 
 def test_missing_connection(emulator, no_calls):
-    with pytest.raises(Exception, match="no_such_conn"):
+    with pytest.raises(AirflowNotFoundException, match="The conn_id `no_such_conn` isn't defined"):
         submit(requests=["hi"], model=MODEL, kluster_conn_id="no_such_conn")
 
 

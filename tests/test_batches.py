@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import pathlib
 
 import pytest
 
 from airflow_provider_kluster.batches import BatchStatus, KlusterBatch, parse_errors, parse_timestamp
+from tests.helpers import FIXTURES
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "kluster-api" / "examples"
 UTC = dt.timezone.utc
 T0 = dt.datetime(2024, 12, 10, 12, 12, 57, tzinfo=UTC)  # 1733832777
 
@@ -137,18 +136,38 @@ def test_to_dict_is_json_native():
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("name", "status", "created_at", "expires_at", "counts", "output_file_id"),
     [
-        "batch_object.json",
-        "batches_create.response.json",
-        "batches_retrieve.response.json",
-        "batches_cancel.response.json",
+        ("batch_object.json", BatchStatus.VALIDATING, 1733832777, 1733919177, (0, 0, 0), None),
+        ("batches_create.response.json", BatchStatus.VALIDATING, 1733832777, 1733919177, (0, 0, 0), None),
+        (
+            "batches_retrieve.response.json",
+            BatchStatus.COMPLETED,
+            1733832777,
+            1733919177,
+            (4, 4, 0),
+            "myfile-123-output",
+        ),
+        (
+            "batches_cancel.response.json",
+            BatchStatus.CANCELLING,
+            1730821906,
+            1730821906,
+            (3, 3, 0),
+            "myfile-123-output",
+        ),
     ],
 )
-def test_published_batch_examples_parse(name):
-    payload = json.loads((EXAMPLES / name).read_text())
-    batch = KlusterBatch.from_api(payload)
-    assert batch.id == payload["id"]
-    assert batch.status is not None
-    assert batch.created_at is not None
-    assert batch.created_at.year == 2024
+def test_published_batch_examples_parse(name, status, created_at, expires_at, counts, output_file_id):
+    """kluster's own examples (integer and numeric-string timestamps, explicit nulls) read as the values they print."""
+    batch = KlusterBatch.from_api(json.loads((FIXTURES / name).read_text()))
+    assert batch.id == "mybatch-123"
+    assert batch.status is status
+    assert batch.created_at == dt.datetime.fromtimestamp(created_at, UTC)
+    assert batch.expires_at == dt.datetime.fromtimestamp(expires_at, UTC)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == counts
+    assert batch.output_file_id == output_file_id
+    assert batch.error_file_id is None
+    assert batch.errors == []
+    assert batch.metadata == {}
+    assert batch.input_file_id == "myfile-123"

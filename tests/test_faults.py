@@ -27,7 +27,7 @@ from tests.helpers import MODEL, make_context, request_lines, write_jsonl
 )
 def test_worker_side_wait_survives_transient_errors(kluster_conn, emulator, fault):
     # 5 failures: the client's 2 retries absorb some, the waiter's tolerance the rest.
-    emulator.emulator.faults.add(route="GET /v1/batches/{id}", times=5, **fault)
+    rule = emulator.emulator.faults.add(route="GET /v1/batches/{id}", times=5, **fault)
     op = KlusterSubmitBatchOperator(
         task_id="t",
         requests=["hi"],
@@ -37,6 +37,7 @@ def test_worker_side_wait_survives_transient_errors(kluster_conn, emulator, faul
         poll_interval=0.05,
     )
     batch_id = op.execute(make_context())
+    assert rule.fired == 5  # every injected failure really hit the wait
     assert emulator.emulator.get_batch_raw(batch_id)["status"] == "completed"
 
 
@@ -169,10 +170,11 @@ def test_malformed_bodies_are_transient(kluster_conn, emulator, tmp_path):
     emulator.emulator.faults.add(route="GET /v1/batches/{id}", malformed_body=True, times=1)
     with pytest.raises(KlusterTransientAPIError, match="not valid JSON"):
         hook.get_batch(batch_id)
-    emulator.emulator.faults.add(route="GET /v1/batches/{id}", malformed_body=True, times=2)
+    rule = emulator.emulator.faults.add(route="GET /v1/batches/{id}", malformed_body=True, times=2)
     trigger = KlusterBatchTrigger(batch_id, kluster_conn_id=kluster_conn, poll_interval=0.05)
 
     async def run():
         return [e.payload async for e in trigger.run()]
 
     assert [e["status"] for e in asyncio.run(run())] == ["success"]
+    assert rule.fired == 2  # the trigger read both malformed bodies and kept waiting

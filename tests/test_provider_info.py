@@ -19,17 +19,36 @@ def test_provider_info_has_what_airflow_requires():
     assert {"timeout", "max_retries"} <= set(conn_type["conn-fields"])
 
 
-def test_every_module_named_in_provider_info_imports():
+def test_every_module_named_in_provider_info_holds_its_kind():
+    """Each module Airflow is told about imports and defines a class of the kind it is listed under."""
     import importlib
+    import inspect
+
+    from airflow.sdk import BaseHook, BaseOperator, BaseOperatorLink, BaseSensorOperator
+    from airflow.triggers.base import BaseTrigger
 
     info = get_provider_info()
-    for kind in ("hooks", "operators", "sensors", "triggers"):
-        for entry in info.get(kind, []):
-            for module in entry["python-modules"]:
-                importlib.import_module(module)
-    for link in info.get("extra-links", []):
+    bases = {
+        "hooks": BaseHook,
+        "operators": BaseOperator,
+        "sensors": BaseSensorOperator,
+        "triggers": BaseTrigger,
+    }
+    for kind, base in bases.items():
+        modules = [module for entry in info[kind] for module in entry["python-modules"]]
+        assert modules, f"provider info lists no {kind}"
+        for name in modules:
+            module = importlib.import_module(name)
+            own = [
+                cls
+                for _, cls in inspect.getmembers(module, inspect.isclass)
+                if cls.__module__ == name and issubclass(cls, base)
+            ]
+            assert own, f"{name} (listed under {kind}) defines no {base.__name__}"
+    assert info["extra-links"]
+    for link in info["extra-links"]:
         module, _, name = link.rpartition(".")
-        assert getattr(importlib.import_module(module), name)
+        assert issubclass(getattr(importlib.import_module(module), name), BaseOperatorLink)
 
 
 def test_hook_ui_behaviour_matches_provider_info():

@@ -19,8 +19,8 @@ from airflow_provider_kluster.request_files import (
     validate_request_file,
     write_request_file,
 )
+from tests.helpers import FIXTURES
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "kluster-api" / "examples"
 MODEL = "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
 
 
@@ -80,7 +80,7 @@ def problems_of(path: pathlib.Path, **kwargs: object) -> KlusterRequestFileError
     ids=["single-model", "multi-model"],
 )
 def test_published_examples_validate(name, models):
-    path = EXAMPLES / name
+    path = FIXTURES / name
     summary = validate_request_file(path)
     assert summary.requests == 3
     assert summary.models == models
@@ -97,12 +97,6 @@ def test_summary_fields(tmp_path):
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         models=(MODEL, "z-model"),
     )
-
-
-def test_defaults_are_kluster_limits():
-    assert DEFAULT_MAX_REQUESTS == 100_000
-    assert MAX_FILE_BYTES == 100 * 1024 * 1024
-    assert BATCH_URL == "/v1/chat/completions"
 
 
 def test_crlf_line_endings_are_accepted(tmp_path):
@@ -294,9 +288,29 @@ def test_more_requests_than_max_requests_stops_early(tmp_path):
     assert "Shard the file into several batches, or raise max_requests to your plan's" in error.errors[0]
 
 
-def test_max_requests_none_means_no_limit(tmp_path):
-    path = write_lines(tmp_path / "req.jsonl", *[line(f"r{i}") for i in range(5)])
-    assert validate_request_file(path, max_requests=None).requests == 5
+@pytest.fixture(scope="module")
+def one_over_the_default_limit(tmp_path_factory) -> pathlib.Path:
+    """A valid request file holding one request more than the default ``max_requests``."""
+    path = tmp_path_factory.mktemp("limit") / "req.jsonl"
+    return write_lines(path, *[line(f"r{i}") for i in range(DEFAULT_MAX_REQUESTS + 1)])
+
+
+def test_default_max_requests_is_the_core_plan_limit(one_over_the_default_limit):
+    """Without ``max_requests`` the check still runs, at kluster's Core-plan limit of 100,000 requests."""
+    assert DEFAULT_MAX_REQUESTS == 100_000
+    error = problems_of(one_over_the_default_limit)
+    assert len(error.errors) == 1
+    assert error.errors[0].startswith(
+        "line 100001: more than max_requests=100,000 requests; stopped reading here."
+    )
+
+
+def test_max_requests_none_means_no_limit(one_over_the_default_limit):
+    """``max_requests=None`` lifts the default limit: the same file that fails above validates in full."""
+    assert (
+        validate_request_file(one_over_the_default_limit, max_requests=None).requests
+        == DEFAULT_MAX_REQUESTS + 1
+    )
 
 
 def test_file_over_max_bytes_is_rejected_from_its_size(tmp_path):
@@ -323,8 +337,29 @@ def test_file_over_max_bytes_is_caught_while_streaming(tmp_path, monkeypatch):
     )
 
 
-def test_max_bytes_none_means_no_limit(tmp_path):
+def test_default_max_bytes_is_the_100_mb_upload_limit(tmp_path):
+    """Without ``max_bytes`` a file over 100 MB is refused from its size alone, before a byte is read."""
+    path = tmp_path / "req.jsonl"
+    with path.open("wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: 100 MB + 1 byte of NULs that would fail if they were read
+    error = problems_of(path)
+    assert len(error.errors) == 1, error.errors  # the size alone: the NULs were never read as lines
+    assert error.errors[0].startswith("the file is ")
+    assert f"{MAX_FILE_BYTES + 1:,} bytes" in error.errors[0]
+    assert f"over max_bytes={MAX_FILE_BYTES:,} bytes;" in error.errors[0]
+    assert error.errors[0].endswith(
+        "100 MB is kluster.ai's per-file upload limit: shard the requests into several files and batches"
+    )
+    assert MAX_FILE_BYTES == 100 * 1024 * 1024
+
+
+def test_max_bytes_none_means_no_limit(tmp_path, monkeypatch):
+    """``max_bytes=None`` lifts the default size limit: a file whose size reads over 100 MB validates."""
+    import airflow_provider_kluster.request_files as request_files
+
+    monkeypatch.setattr(request_files, "_stat_size", lambda source: MAX_FILE_BYTES + 1)
     path = write_lines(tmp_path / "req.jsonl", line("a"))
+    assert f"over max_bytes={MAX_FILE_BYTES:,} bytes" in problems_of(path).errors[0]  # the default applies
     assert validate_request_file(path, max_bytes=None).requests == 1
 
 
@@ -345,7 +380,7 @@ def test_build_from_prompt_string():
         {
             "custom_id": "request-0",
             "method": "POST",
-            "url": BATCH_URL,
+            "url": "/v1/chat/completions",  # the only endpoint kluster.ai batches accept
             "body": {
                 "messages": [{"role": "user", "content": "What is 2 + 2?"}],
                 "model": MODEL,

@@ -8,8 +8,8 @@ import pathlib
 import pytest
 
 from airflow_provider_kluster.results import ResultRecord, join_results, parse_result_line
+from tests.helpers import FIXTURES
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "kluster-api" / "examples"
 MODEL = "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
 
 
@@ -83,7 +83,7 @@ def read_records(path: pathlib.Path) -> list[dict]:
 
 
 def test_published_output_line():
-    record = parse_result_line((EXAMPLES / "batch_output_line.json").read_text())
+    record = parse_result_line((FIXTURES / "batch_output_line.json").read_text())
     assert record == ResultRecord(
         custom_id="request-1",
         succeeded=True,
@@ -326,6 +326,7 @@ def test_return_records_limits_manifest_records(tmp_path):
 
 
 def test_no_records_in_manifest_by_default(tmp_path):
+    """The manifest goes to XCom, so by default it holds counts only, never the records (which can be huge)."""
     manifest = join_results(output_path=jsonl(tmp_path / "out.jsonl", success("a")))
     assert "records" not in manifest
 

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from airflow_provider_kluster.emulator import EmulatorServer, KlusterEmulator, parse_fault_spec
+from tests.helpers import FIXTURES
 
 if not any(
     ep.value == "airflow_provider_kluster.emulator.pytest_plugin" for ep in entry_points(group="pytest11")
@@ -28,8 +29,9 @@ if not any(
         kluster_emulator_server,
     )
 
-EXAMPLES = Path("/work/shared/kluster-api/examples")
 MODEL = "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
+# kluster's published input files and batch guide: every model id they use must be one the emulator lists.
+DOCUMENTED_MODEL_SOURCES = ("batch_input.jsonl", "batch_input_multimodel.jsonl", "batch-guide.txt")
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
@@ -114,16 +116,17 @@ def test_models_cover_documented_ids(client: httpx.Client) -> None:
     ids = {m["id"] for m in data["data"]}
     assert all(m["object"] == "model" and "created" in m and "owned_by" in m for m in data["data"])
     used = set()
-    for path in list(EXAMPLES.glob("*.jsonl")) + [EXAMPLES.parent / "batch-guide.txt"]:
-        text = path.read_text()
-        used |= {chunk.split('"')[0] for chunk in text.split('"model": "')[1:]}
-    assert used
-    assert used <= ids
+    for name in DOCUMENTED_MODEL_SOURCES:
+        text = (FIXTURES / name).read_text()
+        found = {chunk.split('"')[0] for chunk in text.split('"model": "')[1:]}
+        assert found, f"{name} names no model: there is nothing to check"
+        used |= found
+    assert used <= ids, used - ids
 
 
 def test_chat_completions(server: EmulatorServer) -> None:
     oai = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
-    body = json.loads((EXAMPLES / "chat_completions.request.json").read_text())
+    body = json.loads((FIXTURES / "chat_completions.request.json").read_text())
     resp = oai.chat.completions.create(**body)
     assert resp.object == "chat.completion"
     assert "Argentina" in resp.choices[0].message.content
@@ -141,7 +144,7 @@ def test_chat_completions(server: EmulatorServer) -> None:
 
 # --------------------------------------------------------------------------- files
 def test_file_upload_get_list_delete(client: httpx.Client) -> None:
-    content = (EXAMPLES / "batch_input.jsonl").read_bytes()
+    content = (FIXTURES / "batch_input.jsonl").read_bytes()
     meta = upload(client, content, "mybatch.jsonl")
     assert set(meta) == {"id", "object", "bytes", "created_at", "filename", "purpose"}
     assert len(meta["id"]) == 24
@@ -201,7 +204,7 @@ def test_add_file_from_path_in_place(server: EmulatorServer, client: httpx.Clien
 
 # --------------------------------------------------------------------------- batch lifecycle
 def test_batch_lifecycle_httpx(server: EmulatorServer, client: httpx.Client) -> None:
-    content = (EXAMPLES / "batch_input_multimodel.jsonl").read_bytes() + make_lines(1, model="no/such-model")
+    content = (FIXTURES / "batch_input_multimodel.jsonl").read_bytes() + make_lines(1, model="no/such-model")
     file_id = upload(client, content)["id"]
     created = create_batch(
         client, file_id, metadata={"@kluster.ai": {"greedy": True, "strict_completion_window": False}}

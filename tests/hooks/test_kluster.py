@@ -19,7 +19,7 @@ from airflow_provider_kluster.exceptions import (
 from airflow_provider_kluster.hooks.kluster import KlusterHook, settings_from_connection
 from tests.canned_server import CannedServer
 from tests.conftest import TEST_API_KEY, conn_json
-from tests.helpers import EXAMPLES, MODEL, request_lines, wait_for, write_jsonl
+from tests.helpers import FIXTURES, MODEL, request_lines, wait_for, write_jsonl
 
 
 @pytest.fixture
@@ -175,8 +175,9 @@ def test_failed_batch_carries_errors(hook, tmp_path):
     bad.write_text("this is not json\n")
     done = wait_for(hook, hook.create_batch(hook.upload_file(bad)).id)
     assert done.status is BatchStatus.FAILED
-    assert done.errors
+    assert done.errors == ["line 1: This line is not parseable as valid JSON. (invalid_json_line)"]
     assert done.failed_at is not None
+    assert done.output_file_id is None
 
 
 def test_cancel_sends_a_json_body_and_reaches_cancelled(hook, emulator, tmp_path):
@@ -208,13 +209,21 @@ def test_async_get_and_cancel(hook, emulator, tmp_path):
 
 
 def test_async_clients_are_shared_per_loop_and_settings(kluster_conn):
+    """Hooks in one loop with the same settings share a client; other settings or another loop get their own."""
+
     async def go():
         a = await KlusterHook(kluster_conn).get_async_conn()
         b = await KlusterHook(kluster_conn).get_async_conn()
-        return a, b
+        other_settings = await KlusterHook(kluster_conn, timeout=7).get_async_conn()
+        return a, b, other_settings
 
-    a, b = asyncio.run(go())
+    a, b, other_settings = asyncio.run(go())
     assert a is b
+    assert other_settings is not a
+    assert other_settings.timeout == 7
+    a_next_loop, b_next_loop, _ = asyncio.run(go())
+    assert a_next_loop is b_next_loop
+    assert a_next_loop is not a  # a client is bound to its loop: a new loop never reuses one
 
 
 def test_list_batches_follows_the_cursor_newest_first(hook, input_file, emulator):
@@ -258,8 +267,9 @@ def test_retry_after_is_honoured(hook, input_file, emulator):
     batch = _submit(hook, input_file)
     emulator.emulator.faults.add(route="GET /v1/batches/{id}", status=429, times=1, retry_after=1)
     start = time.monotonic()
-    hook.get_batch(batch.id)
+    assert hook.get_batch(batch.id).id == batch.id
     assert time.monotonic() - start >= 0.9
+    assert emulator.emulator.counters["GET /v1/batches/{id}"] == 2  # the 429, then the retry after 1 s
 
 
 def test_persistent_5xx_gives_up_with_a_transient_error(hook, input_file, emulator):
@@ -275,8 +285,10 @@ def test_persistent_5xx_gives_up_with_a_transient_error(hook, input_file, emulat
 
 def test_dropped_connection_is_retried(hook, input_file, emulator):
     batch = _submit(hook, input_file)
-    emulator.emulator.faults.add(route="GET /v1/batches/{id}", drop_connection=True, times=1)
+    drop = emulator.emulator.faults.add(route="GET /v1/batches/{id}", drop_connection=True, times=1)
     assert hook.get_batch(batch.id).id == batch.id
+    assert drop.fired == 1
+    assert emulator.emulator.counters["GET /v1/batches/{id}"] == 2  # the dropped call, then the retry
 
 
 def test_the_key_never_reaches_logs(hook, input_file, emulator, caplog, monkeypatch):
@@ -301,14 +313,14 @@ def canned(monkeypatch):
 
 
 def test_published_examples_through_the_hook(canned, tmp_path):
-    canned.add("GET", "/v1/batches/mybatch-123", (EXAMPLES / "batches_retrieve.response.json").read_bytes())
+    canned.add("GET", "/v1/batches/mybatch-123", (FIXTURES / "batches_retrieve.response.json").read_bytes())
     canned.add(
-        "POST", "/v1/batches/mybatch-123/cancel", (EXAMPLES / "batches_cancel.response.json").read_bytes()
+        "POST", "/v1/batches/mybatch-123/cancel", (FIXTURES / "batches_cancel.response.json").read_bytes()
     )
-    canned.add("POST", "/v1/batches", (EXAMPLES / "batches_create.response.json").read_bytes())
-    canned.add("GET", "/v1/batches", (EXAMPLES / "batches_list.response.cleaned.json").read_bytes())
-    canned.add("POST", "/v1/files", (EXAMPLES / "files_upload.response.json").read_bytes())
-    canned.add("GET", "/v1/models", (EXAMPLES / "models_list.response.json").read_bytes())
+    canned.add("POST", "/v1/batches", (FIXTURES / "batches_create.response.json").read_bytes())
+    canned.add("GET", "/v1/batches", (FIXTURES / "batches_list.response.cleaned.json").read_bytes())
+    canned.add("POST", "/v1/files", (FIXTURES / "files_upload.response.json").read_bytes())
+    canned.add("GET", "/v1/models", (FIXTURES / "models_list.response.json").read_bytes())
     hook = KlusterHook("canned")
 
     got = hook.get_batch("mybatch-123")
@@ -331,13 +343,17 @@ def test_published_examples_through_the_hook(canned, tmp_path):
     assert [b.id for b in listed] == ["mybatch-123"]
 
     assert hook.upload_file(write_jsonl(tmp_path / "in.jsonl", request_lines(1))) == "myfile-123"
-    assert hook.list_models()
+    published = json.loads((FIXTURES / "models_list.response.json").read_bytes())
+    assert hook.list_models() == [m["id"] for m in published["data"]]
 
 
 def test_verbatim_list_example_is_not_json_and_fails_clearly(canned):
-    canned.add("GET", "/v1/batches", (EXAMPLES / "batches_list.response.verbatim.txt").read_bytes())
-    with pytest.raises(Exception, match="list batches") as info:
+    canned.add("GET", "/v1/batches", (FIXTURES / "batches_list.response.verbatim.txt").read_bytes())
+    with pytest.raises(
+        KlusterTransientAPIError, match="list batches returned a body that is not valid JSON"
+    ) as info:
         KlusterHook("canned").list_batches()
+    assert info.value.call == "list batches"
     assert TEST_API_KEY not in str(info.value)
 
 

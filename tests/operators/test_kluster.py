@@ -154,10 +154,12 @@ def test_on_kill_cancels_the_running_batch(kluster_conn, emulator, hook):
 
 
 def test_on_kill_respects_cancel_on_kill_false(kluster_conn, emulator):
+    emulator.emulator.faults.stick_batch("*", "in_progress")  # still running when killed: a cancel would land
     op = submit_op(requests=PROMPTS, model=MODEL, cancel_on_kill=False)
-    op.execute(make_context())
+    batch_id = op.execute(make_context())
     op.on_kill()
     assert emulator.emulator.counters.get("POST /v1/batches/{id}/cancel", 0) == 0
+    assert emulator.emulator.get_batch_raw(batch_id)["status"] not in ("cancelling", "cancelled")
 
 
 @pytest.mark.parametrize(
@@ -197,7 +199,7 @@ def test_results_manifest_and_records(kluster_conn, hook, tmp_path):
     manifest = KlusterGetBatchResultsOperator(
         task_id="results", batch_id=batch_id, destination=str(tmp_path / "out"), return_records=10
     ).execute(context)
-    json.dumps(manifest)
+    assert json.loads(json.dumps(manifest)) == manifest  # JSON-native, fit for XCom
     assert manifest["batch_id"] == batch_id
     assert (manifest["succeeded"], manifest["failed"], manifest["missing"], manifest["total"]) == (3, 0, 0, 3)
     assert manifest["usage"]["total_tokens"] > 0

@@ -13,7 +13,12 @@ from airflow_provider_kluster.operators.kluster import (
     KlusterSubmitBatchOperator,
     KlusterUploadFileOperator,
 )
-from airflow_provider_kluster.reattach import FINGERPRINT_KEY, IDENTITY_KEY, task_identity
+from airflow_provider_kluster.reattach import (
+    FINGERPRINT_KEY,
+    IDENTITY_KEY,
+    identity_from_context,
+    task_identity,
+)
 from tests.helpers import MODEL, make_context, run_deferred, wait_for
 
 PROMPTS = ["What is 1+1?", "Name a colour.", "Say hi."]
@@ -51,8 +56,19 @@ def test_batch_carries_identity_and_fingerprint(kluster_conn, emulator):
 
 
 def test_identity_ignores_the_try_number_but_not_the_map_index():
+    """Two tries of one task instance share an identity; other map indexes, runs, tasks and DAGs do not."""
+    first_try, second_try = make_context(run_id="r1"), make_context(run_id="r1")
+    second_try["ti"].try_number = 2
+    assert identity_from_context(first_try) == identity_from_context(second_try)
     assert task_identity("d", "t", "r", 0) != task_identity("d", "t", "r", 1)
-    assert task_identity("d", "t", "r", -1) == task_identity("d", "t", "r", -1)
+    assert task_identity("d", "t", "r", None) == task_identity("d", "t", "r", -1)
+    others = {
+        task_identity("d", "t", "r2", 0),
+        task_identity("d", "t2", "r", 0),
+        task_identity("d2", "t", "r", 0),
+    }
+    assert task_identity("d", "t", "r", 0) not in others
+    assert len(others) == 3
 
 
 def test_a_retry_reattaches_to_the_running_batch(kluster_conn, emulator, caplog, capsys):
@@ -123,6 +139,7 @@ def test_a_changed_setting_is_a_changed_input(kluster_conn, emulator):
     first = attempt()[0].execute(attempt()[1])
     op, context = attempt(completion_window="48h")
     assert op.execute(context) != first
+    assert created(emulator) == 2
 
 
 def test_reattach_false_submits_again(kluster_conn, emulator):

@@ -628,11 +628,12 @@ def _parent_pid(pid: int) -> int | None:
 def descendants_of(root: int) -> list[int]:
     """PIDs of every live process below ``root`` (children, grandchildren, ...), in no particular order."""
     children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            parent = _parent_pid(int(entry.name))
-            if parent is not None:
-                children[parent].append(int(entry.name))
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                parent = _parent_pid(int(entry.name))
+                if parent is not None:
+                    children[parent].append(int(entry.name))
     found: list[int] = []
     todo = [root]
     while todo:

@@ -68,12 +68,22 @@ def test_reschedule_mode_fails_after_max_consecutive_errors(reschedule_env, emul
 def test_reschedule_mode_tolerates_fewer_errors_and_reschedules_until_done(reschedule_env, emulator):
     emulator.emulator.faults.stick_batch(reschedule_env, "in_progress")
     rule = emulator.emulator.faults.add(route="GET /v1/batches/{id}", status=503, times=2, retry_after=0)
-    release = threading.Timer(3.0, emulator.emulator.faults.unstick_batch, args=(reschedule_env,))
+    stop = threading.Event()
+
+    def release_after_two_running_polls():
+        # 2 failed polls, then 2 that saw the batch running (so at least one reschedule), then let it finish.
+        while not stop.wait(0.05):
+            if emulator.emulator.counters.get("GET /v1/batches/{id}", 0) >= 4:
+                emulator.emulator.faults.unstick_batch(reschedule_env)
+                return
+
+    release = threading.Thread(target=release_after_two_running_polls, daemon=True)
     release.start()
     try:
         run, ti = _run()
     finally:
-        release.cancel()
+        stop.set()
+        release.join()
     assert run.state == "success"
     assert rule.fired == 2
     assert ti.try_number == 1

@@ -76,7 +76,7 @@ def test_one_event_per_terminal_status(emulator, submit, force, event_status):
     assert event["batch_id"] == batch_id
     assert event["batch_status"] == (force or "completed")
     assert batch_id in event["message"]
-    json.dumps(event)  # JSON-native
+    assert json.loads(json.dumps(event)) == event  # JSON-native
     if event_status == "success":
         assert event["output_file_id"]
         assert event["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
@@ -112,15 +112,17 @@ def canned_status(emulator, monkeypatch):
 def test_transient_failures_then_success(emulator, submit):
     batch_id = submit()
     # The client retries each poll twice (max_retries=2): 4 failures cost the trigger one failed poll.
-    emulator.emulator.faults.add(route="GET /v1/batches/{id}", status=503, times=4, retry_after=0)
+    rule = emulator.emulator.faults.add(route="GET /v1/batches/{id}", status=503, times=4, retry_after=0)
     events = run_trigger(make(batch_id))
     assert [e["status"] for e in events] == ["success"]
+    assert rule.fired == 4
 
 
 def test_dropped_connections_are_transient(emulator, submit):
     batch_id = submit()
-    emulator.emulator.faults.add(route="GET /v1/batches/{id}", drop_connection=True, times=4)
+    rule = emulator.emulator.faults.add(route="GET /v1/batches/{id}", drop_connection=True, times=4)
     assert run_trigger(make(batch_id))[0]["status"] == "success"
+    assert rule.fired == 4
 
 
 def test_gives_up_after_the_bound_of_consecutive_failures(emulator, submit):
