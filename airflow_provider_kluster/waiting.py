@@ -28,7 +28,8 @@ from airflow_provider_kluster.exceptions import (
     KlusterWaitError,
 )
 
-#: How many failed polls in a row end the wait (each poll already retries inside the client).
+#: How many failed polls in a row are tolerated; one more ends the wait (each poll already retries inside the
+#: client).
 DEFAULT_MAX_CONSECUTIVE_ERRORS = 5
 
 
@@ -219,14 +220,15 @@ class WaitPolicy:
     * A running batch (or one with a status this provider does not know) is polled again after
       ``poll_interval``; once ``deadline`` (epoch seconds) has passed, the wait ends with ``timeout``.
     * A transient API error is tolerated, polled again after ``min(poll_interval, 2 ** errors_in_a_row)``
-      seconds, until ``max_consecutive_errors`` failed polls in a row end the wait with ``error``; a permanent
-      one (rejected key, batch gone, bad request) ends it at once. A successful poll resets the count.
+      seconds: ``max_consecutive_errors`` failed polls in a row are tolerated, the next one ends the wait with
+      ``error``; a permanent one (rejected key, batch gone, bad request) ends it at once. A successful poll
+      resets the count.
     * No delay runs past the deadline.
 
     :param batch_id: The batch waited for (named in every event and line).
     :param poll_interval: Seconds between polls of a running batch.
     :param deadline: Epoch seconds after which a running batch ends the wait with ``timeout``; ``None``: none.
-    :param max_consecutive_errors: Failed polls in a row that end the wait (at least 1).
+    :param max_consecutive_errors: Failed polls in a row tolerated (``0``: the first one ends the wait).
     """
 
     batch_id: str
@@ -239,7 +241,7 @@ class WaitPolicy:
 
     def __post_init__(self) -> None:
         self.poll_interval = max(0.0, float(self.poll_interval))
-        self.max_consecutive_errors = max(1, int(self.max_consecutive_errors))
+        self.max_consecutive_errors = max(0, int(self.max_consecutive_errors))
 
     def clamp(self, seconds: float, now: float) -> float:
         """Return ``seconds``, shortened so that a sleep of it ends no later than the deadline (never < 0)."""
@@ -267,7 +269,7 @@ class WaitPolicy:
     def after_error(self, exc: KlusterAPIError, now: float) -> Decision:
         """Decide on a poll that raised ``exc`` (its message is already free of the key)."""
         self.errors_in_a_row += 1
-        if not exc.is_transient or self.errors_in_a_row >= self.max_consecutive_errors:
+        if not exc.is_transient or self.errors_in_a_row > self.max_consecutive_errors:
             reason = (
                 "a permanent error" if not exc.is_transient else f"{self.errors_in_a_row} failures in a row"
             )

@@ -150,12 +150,12 @@ PERMANENT = [400, 401, 403, 404, 422]
 @pytest.mark.parametrize("status_code", TRANSIENT)
 def test_a_transient_error_is_tolerated_with_backoff(status_code):
     p = policy(poll_interval=60, max_consecutive_errors=5)
-    delays = [p.after_error(api_error(status_code), NOW).delay for _ in range(4)]
-    assert delays == [2, 4, 8, 16]
+    delays = [p.after_error(api_error(status_code), NOW).delay for _ in range(5)]
+    assert delays == [2, 4, 8, 16, 32]
     decision = p.after_error(api_error(status_code), NOW)
     assert decision.done
     assert decision.event["status"] == "error"
-    assert "5 failures in a row" in decision.event["message"]
+    assert "6 failures in a row" in decision.event["message"]
 
 
 @pytest.mark.parametrize("status_code", PERMANENT)
@@ -167,20 +167,31 @@ def test_a_permanent_error_ends_the_wait_at_once(status_code):
     assert decision.log_level == logging.ERROR
 
 
-@pytest.mark.parametrize("limit", [1, 2, 3, 5])
-def test_exactly_max_consecutive_errors_end_the_wait(limit):
-    """N-1 failures in a row are tolerated; the N-th ends the wait; a success in between starts again."""
+@pytest.mark.parametrize(
+    ("limit", "failures"),
+    [(limit, f) for limit in (0, 1, 2, 3, 5) for f in ("N-1", "N", "N+1") if not (limit == 0 and f == "N-1")],
+)
+def test_max_consecutive_errors_are_tolerated_and_one_more_ends_the_wait(limit, failures):
+    """``max_consecutive_errors=N`` tolerates N failures in a row; the (N+1)-th ends the wait."""
+    n = {"N-1": limit - 1, "N": limit, "N+1": limit + 1}[failures]
     p = policy(max_consecutive_errors=limit)
-    for _ in range(limit - 1):
-        assert not p.after_error(api_error(503), NOW).done
-    assert not p.after_batch(batch("in_progress"), NOW).done  # resets the count
-    for _ in range(limit - 1):
-        assert not p.after_error(api_error(503), NOW).done
+    decisions = [p.after_error(api_error(503), NOW) for _ in range(n)]
+    ended = [d.done for d in decisions]
+    assert ended == [False] * min(n, limit) + [True] * (n - limit if n > limit else 0)
+    if failures == "N+1":
+        assert f"{limit + 1} failures in a row" in decisions[-1].event["message"]
+
+
+def test_a_successful_poll_starts_the_count_again():
+    p = policy(max_consecutive_errors=2)
+    assert not any(p.after_error(api_error(503), NOW).done for _ in range(2))
+    assert not p.after_batch(batch("in_progress"), NOW).done
+    assert not any(p.after_error(api_error(503), NOW).done for _ in range(2))
     assert p.after_error(api_error(503), NOW).done
 
 
-def test_a_limit_below_one_means_one():
-    assert policy(max_consecutive_errors=0).after_error(api_error(503), NOW).done
+def test_a_negative_limit_means_none_tolerated():
+    assert policy(max_consecutive_errors=-3).after_error(api_error(503), NOW).done
 
 
 def test_backoff_is_capped_by_the_poll_interval_and_the_deadline():
@@ -349,7 +360,7 @@ def test_poll_once_gives_up_at_the_limit():
         policy(max_consecutive_errors=3), script.poll, log=LOG, sleep=script.sleep, clock=script.clock
     )
     assert decision.event["status"] == "error"
-    assert len(script.polls_at) == 3
+    assert len(script.polls_at) == 4
 
 
 def test_other_exceptions_are_not_polls_that_failed():

@@ -30,7 +30,7 @@ class KlusterBatchSensor(BaseSensorOperator):
     """Wait until a kluster.ai batch finishes; fail clearly unless it completed.
 
     In poke or reschedule mode each poke polls the batch once; a transient error is retried within the poke
-    (backing off) until ``max_consecutive_errors`` failed polls in a row fail the task. With ``deferrable=True`` it waits in the triggerer with
+    (backing off); ``max_consecutive_errors`` failed polls in a row are tolerated, one more fails the task. With ``deferrable=True`` it waits in the triggerer with
     :class:`KlusterBatchTrigger`, whose wall-clock deadline is the sensor's ``timeout``.
 
     :param batch_id: The batch to wait for (templated).

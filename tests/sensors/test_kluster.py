@@ -58,16 +58,25 @@ def one_request_per_poll(emulator, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_KLUSTER_DEFAULT", conn_json(emulator.base_url, max_retries=0))
 
 
-@pytest.mark.parametrize("max_errors", [1, 2, 3])
-def test_poke_fails_after_exactly_max_consecutive_errors(
+@pytest.mark.parametrize("max_errors", [0, 1, 2, 3])
+def test_poke_fails_on_one_error_more_than_max_consecutive_errors(
     batch_id, emulator, one_request_per_poll, max_errors
 ):
     rule = emulator.emulator.faults.add(route="GET /v1/batches/{id}", status=503, retry_after=0)
     s = sensor(batch_id, max_consecutive_errors=max_errors)
-    with pytest.raises(KlusterWaitError, match=f"after {max_errors} failures in a row.*HTTP 503") as info:
+    with pytest.raises(KlusterWaitError, match=f"after {max_errors + 1} failures in a row.*HTTP 503") as info:
         s.poke(make_context())
-    assert rule.fired == max_errors
+    assert rule.fired == max_errors + 1
     assert info.value.batch_id == batch_id
+
+
+@pytest.mark.parametrize("errors", ["N-1", "N"])
+def test_poke_tolerates_up_to_max_consecutive_errors(batch_id, emulator, one_request_per_poll, errors):
+    emulator.emulator.faults.stick_batch(batch_id, "in_progress")
+    times = {"N-1": 2, "N": 3}[errors]
+    rule = emulator.emulator.faults.add(route="GET /v1/batches/{id}", status=503, times=times, retry_after=0)
+    assert sensor(batch_id, max_consecutive_errors=3).poke(make_context()) is False
+    assert rule.fired == times
 
 
 def test_poke_retries_fewer_errors_within_the_poke(batch_id, emulator, one_request_per_poll):

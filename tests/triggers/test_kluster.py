@@ -130,9 +130,9 @@ def test_gives_up_after_the_bound_of_consecutive_failures(emulator, submit):
     emulator.emulator.faults.add(route="GET /v1/batches/{id}", status=502, times=1000, retry_after=0)
     (event,) = run_trigger(make(batch_id, max_consecutive_errors=2, poll_interval=0.01))
     assert event["status"] == "error"
-    assert "2 failures in a row" in event["message"]
+    assert "3 failures in a row" in event["message"]  # 2 tolerated, the third ends the wait
     assert "502" in event["message"]
-    assert emulator.emulator.counters["GET /v1/batches/{id}"] == 6  # 2 polls x (1 + 2 client retries)
+    assert emulator.emulator.counters["GET /v1/batches/{id}"] == 9  # 3 polls x (1 + 2 client retries)
 
 
 def test_not_found_ends_the_wait_at_once(emulator, kluster_conn):
