@@ -2,8 +2,9 @@
 
 kluster.ai writes one line per request, ``{id, custom_id, response: {status_code, request_id, body}}`` (older
 lines add ``"error": null``; a request that failed outside HTTP may carry ``error: {code, message}`` instead of a
-response). Lines come in any order, may repeat, and the error file may not exist. Everything here streams the
-files line by line: memory grows with the number of distinct ``custom_id`` values, never with file size.
+response). Lines come in any order, may repeat, may name a ``custom_id`` that was never requested, and the
+error file may not exist. Everything here streams the files line by line: memory grows with the number of
+distinct ``custom_id`` values, never with file size.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 class JoinOutcome(Enum):
     """Where one ``custom_id`` stands in the join."""
 
+    #: Requested (it is in ``expected_ids``), no line read yet: missing unless a line turns up.
+    REQUESTED = "requested"
     #: A success was read (and written): later lines for the id are duplicates.
     SUCCEEDED = "succeeded"
     #: Only failures so far; the winning one is in the output file, not written yet.
     FAILED_IN_OUTPUT = "failed in output"
     #: Only failures so far; the winning one is in the error file, not written yet.
     FAILED_IN_ERRORS = "failed in errors"
-    #: Settled as failed or missing, and its record is written.
+    #: Settled as failed, and its record is written.
     SETTLED = "settled"
+    #: Lines name it, but it was never requested: counted in ``unexpected``, never written, never summed.
+    UNEXPECTED = "unexpected"
 
 
 #: The file each pending failure is in, in the order the files are read.
@@ -237,15 +242,25 @@ def _snippet(value: Any) -> str:
 
 
 class _Join:
-    """State of one join: the best outcome per ``custom_id`` and the running totals of the manifest."""
+    """State of one join: the best outcome per ``custom_id`` and the running totals of the manifest.
 
-    def __init__(self, *, return_records: int, max_listed_ids: int) -> None:
-        self.outcome: dict[str, JoinOutcome] = {}
-        self.succeeded = self.failed = self.missing = 0
+    With ``requested`` (the input's ids, consumed here, once), :attr:`outcome` starts with one
+    :attr:`JoinOutcome.REQUESTED` entry per distinct id, so a line for any other id is told apart by the same
+    dict lookup that finds its outcome; it adds one :attr:`JoinOutcome.UNEXPECTED` entry. Without it, every
+    id read counts as requested.
+    """
+
+    def __init__(self, *, requested: Iterable[str] | None, return_records: int, max_listed_ids: int) -> None:
+        self.requested_only = requested is not None
+        self.outcome: dict[str, JoinOutcome] = (
+            {} if requested is None else dict.fromkeys(map(str, requested), JoinOutcome.REQUESTED)
+        )
+        self.succeeded = self.failed = self.missing = self.unexpected = 0
         self.duplicates = self.unparseable = 0
         self.usage = dict.fromkeys(_USAGE_KEYS, 0)
         self.failed_ids: list[str] = []
         self.missing_ids: list[str] = []
+        self.unexpected_ids: list[str] = []
         self.first_errors: list[str] = []
         self.records: list[dict[str, Any]] = []
         self._return_records = return_records
@@ -259,10 +274,18 @@ class _Join:
             self._note_error(record.error)
             return
         seen = self.outcome.get(custom_id)
-        if seen is not None:
-            self.duplicates += 1
-            if seen is JoinOutcome.SUCCEEDED or not record.succeeded:
+        # The common case, a requested id's first line, costs this one dict lookup and one comparison.
+        if seen is not JoinOutcome.REQUESTED:
+            if seen is None:
+                if self.requested_only:
+                    self._add_unexpected(custom_id)
+                    return
+            elif seen is JoinOutcome.UNEXPECTED:
                 return
+            else:
+                self.duplicates += 1
+                if seen is JoinOutcome.SUCCEEDED or not record.succeeded:
+                    return
         if record.succeeded:
             self.outcome[custom_id] = JoinOutcome.SUCCEEDED
             self.succeeded += 1
@@ -286,12 +309,20 @@ class _Join:
         pending = set(self.outcome.values())
         return [where for where in _PENDING_FAILURES if where in pending]
 
-    def add_missing(self, custom_id: str, out: IO[str] | None) -> None:
-        """Count an expected id with no line in either file."""
-        self.missing += 1
-        if len(self.missing_ids) < self._max_listed_ids:
-            self.missing_ids.append(custom_id)
-        self._emit(missing_record(custom_id), out)
+    def write_missing(self, out: IO[str] | None) -> None:
+        """After both passes: count and write each requested id with no line in either file, in input order."""
+        for custom_id, seen in self.outcome.items():
+            if seen is JoinOutcome.REQUESTED:
+                self.missing += 1
+                if len(self.missing_ids) < self._max_listed_ids:
+                    self.missing_ids.append(custom_id)
+                self._emit(missing_record(custom_id), out)
+
+    def _add_unexpected(self, custom_id: str) -> None:
+        self.outcome[custom_id] = JoinOutcome.UNEXPECTED
+        self.unexpected += 1
+        if len(self.unexpected_ids) < self._max_listed_ids:
+            self.unexpected_ids.append(custom_id)
 
     def _emit(self, record: ResultRecord, out: IO[str] | None) -> None:
         for key in _USAGE_KEYS:
@@ -318,33 +349,51 @@ def join_results(
 ) -> dict[str, Any]:
     """Join a batch's output and error files by ``custom_id``; write the joined records; return a manifest.
 
-    Per ``custom_id`` the best line wins: the first success, else the first failure; every further line for
-    that id counts as a duplicate. The files are streamed once; a successful record is written as soon as it is
-    read. A failure may still be superseded by a success further on (a retried request), so winning failures
-    are written in a second pass, over only the file(s) holding them, once every id's outcome is known.
-    Memory holds one small entry per distinct ``custom_id``, whatever the files' size.
+    Results are accounted against the input. ``expected_ids`` is read first, once, into one small entry per
+    distinct id (an id listed twice counts once). Per requested ``custom_id`` the best line wins: the first
+    success, else the first failure, the output file read before the error file; every further line for that
+    id counts as a duplicate. A line whose ``custom_id`` was never requested counts only in ``unexpected``
+    (distinct ids, listed in ``unexpected_ids``): never as succeeded or failed, not in ``duplicates``,
+    ``usage`` or ``first_errors``, and not in the records file. So with ``expected_ids``,
+    ``succeeded + failed + missing == total`` is the number of distinct requested ids, and every one of them
+    has exactly one record.
+
+    The files are streamed once; a successful record is written as soon as it is read. A failure may still be
+    superseded by a success further on (a retried request), so winning failures are written in a second pass,
+    over only the file(s) holding them, once every id's outcome is known. Memory holds one small entry per
+    distinct ``custom_id`` (requested or read), whatever the files' size.
+
+    Without ``expected_ids``, every id read counts as requested and ``unexpected`` is 0. ``expected_total``
+    (e.g. kluster's request count, when the input file is gone) then only sets ``missing`` to
+    ``expected_total - succeeded - failed``, never below 0: ``total`` is ``max(expected_total, succeeded +
+    failed)``. More ids than requests there are logged as a warning but not reported as ``unexpected``,
+    since nothing tells which ids they are (and counting them twice would break the sum).
 
     The records file (JSONL, one line per id, :meth:`ResultRecord.to_dict` form; failed records add ``raw``,
-    the line as kluster wrote it) lists successes in output order, then failures, then missing ids. Lines
-    naming no ``custom_id`` (or not JSON) count as ``unparseable``: they reach ``first_errors``, not the file.
+    the line as kluster wrote it) lists successes in output order, then failures, then missing ids in input
+    order. Lines naming no ``custom_id`` (or not JSON) count as ``unparseable``: they reach ``first_errors``,
+    not the file.
 
     :param output_path: The downloaded output file; ``None`` or a path that does not exist when there is none.
     :param error_path: The downloaded error file; ``None`` or a path that does not exist when there is none.
-    :param expected_ids: Every request's ``custom_id``, e.g. :func:`~.request_files.iter_custom_ids`; the ones
-        with no line are reported missing.
+    :param expected_ids: Every request's ``custom_id``, e.g. :func:`~.request_files.iter_custom_ids`, consumed
+        once before the files are read; the ones with no line are reported missing, lines for any other id
+        unexpected.
     :param expected_total: Number of requests, used when ``expected_ids`` is not given.
     :param records_path: Where to write the joined records (local path, URI or ObjectStoragePath).
     :param return_records: Put the first this-many records in the manifest (keep it small: XCom).
-    :param max_listed_ids: Most ids listed in ``failed_ids`` and ``missing_ids``.
-    :return: The manifest: ``succeeded``, ``failed``, ``missing``, ``total``, ``duplicates``, ``unparseable``,
-        ``usage``, ``failed_ids``, ``missing_ids``, ``first_errors``, ``records`` (when ``return_records``),
-        ``records_path``.
+    :param max_listed_ids: Most ids listed in ``failed_ids``, ``missing_ids`` and ``unexpected_ids``.
+    :return: The manifest: ``succeeded``, ``failed``, ``missing``, ``total``, ``unexpected``, ``duplicates``,
+        ``unparseable``, ``usage`` (of the requested ids' winning records), ``failed_ids``, ``missing_ids``,
+        ``unexpected_ids``, ``first_errors``, ``records`` (when ``return_records``), ``records_path``.
     """
     sources = {
         JoinOutcome.FAILED_IN_OUTPUT: _existing(output_path, "output"),
         JoinOutcome.FAILED_IN_ERRORS: _existing(error_path, "error"),
     }
-    join = _Join(return_records=max(0, return_records), max_listed_ids=max(0, max_listed_ids))
+    join = _Join(
+        requested=expected_ids, return_records=max(0, return_records), max_listed_ids=max(0, max_listed_ids)
+    )
     dest = as_path(records_path) if records_path is not None else None
     with _records_writer(dest) as out:
         for where, source in sources.items():
@@ -353,13 +402,17 @@ def join_results(
         for where in join.files_with_pending_failures():
             for record in _iter_records(sources[where]):
                 join.write_winning_failure(record, where, out)
-        if expected_ids is not None:
-            for custom_id in expected_ids:
-                if custom_id not in join.outcome:
-                    join.outcome[custom_id] = JoinOutcome.SETTLED  # an id listed twice is missing once
-                    join.add_missing(custom_id, out)
+        if join.requested_only:
+            join.write_missing(out)
         elif expected_total is not None:
             join.missing = max(0, expected_total - join.succeeded - join.failed)
+            if join.succeeded + join.failed > expected_total:
+                log.warning(
+                    "The files answer %d ids but the batch had %d requests; without the input's ids, "
+                    "the extra ones cannot be told apart",
+                    join.succeeded + join.failed,
+                    expected_total,
+                )
     manifest = _manifest(join, dest, return_records)
     log.info(
         "Joined results: %d succeeded, %d failed, %d missing, %d duplicate lines, %d unparseable lines",
@@ -369,6 +422,12 @@ def join_results(
         join.duplicates,
         join.unparseable,
     )
+    if join.unexpected:
+        log.warning(
+            "%d custom_id(s) in the results were never requested, left out of the records: %s",
+            join.unexpected,
+            ", ".join(join.unexpected_ids) or "-",
+        )
     return manifest
 
 
@@ -378,11 +437,13 @@ def _manifest(join: _Join, dest: Any, return_records: int) -> dict[str, Any]:
         "failed": join.failed,
         "missing": join.missing,
         "total": join.succeeded + join.failed + join.missing,
+        "unexpected": join.unexpected,
         "duplicates": join.duplicates,
         "unparseable": join.unparseable,
         "usage": dict(join.usage),
         "failed_ids": join.failed_ids,
         "missing_ids": join.missing_ids,
+        "unexpected_ids": join.unexpected_ids,
         "first_errors": join.first_errors,
     }
     if return_records > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import random
 
 import pytest
 
@@ -198,11 +199,13 @@ def test_manifest_shape(tmp_path):
         "failed": 1,
         "missing": 1,
         "total": 3,
+        "unexpected": 0,
         "duplicates": 0,
         "unparseable": 0,
         "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
         "failed_ids": ["b"],
         "missing_ids": ["c"],
+        "unexpected_ids": [],
         "first_errors": ["HTTP 400: bad request (invalid)"],
         "records_path": None,
     }
@@ -386,3 +389,235 @@ def test_object_storage_paths(tmp_path):
         ("c", "missing"),
     ]
     assert [p.name for p in (tmp_path / "results").iterdir()] == ["records.jsonl"]
+
+
+# -- accounting against the input (issue #8) -------------------------------------------------------------
+
+
+def test_unrequested_success_is_counted_apart(tmp_path):
+    output = jsonl(tmp_path / "out.jsonl", success("a"), success("stranger", prompt=1000), success("b"))
+    records = tmp_path / "records.jsonl"
+    manifest = join_results(
+        output_path=output, expected_ids=["a", "b"], records_path=records, return_records=5
+    )
+    assert (manifest["succeeded"], manifest["failed"], manifest["missing"], manifest["total"]) == (2, 0, 0, 2)
+    assert (manifest["unexpected"], manifest["unexpected_ids"]) == (1, ["stranger"])
+    assert manifest["duplicates"] == 0
+    assert manifest["usage"] == {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}
+    assert [r["custom_id"] for r in read_records(records)] == ["a", "b"]
+    assert [r["custom_id"] for r in manifest["records"]] == ["a", "b"]
+
+
+def test_unrequested_failures_are_counted_apart(tmp_path):
+    output = jsonl(tmp_path / "out.jsonl", http_failure("x", 500, "from output"), success("a"))
+    errors = jsonl(tmp_path / "err.jsonl", coded_failure("y", "timeout", "from errors"), http_failure("b"))
+    records = tmp_path / "records.jsonl"
+    manifest = join_results(
+        output_path=output, error_path=errors, expected_ids=["a", "b"], records_path=records
+    )
+    assert (manifest["succeeded"], manifest["failed"], manifest["total"]) == (1, 1, 2)
+    assert manifest["failed_ids"] == ["b"]
+    assert (manifest["unexpected"], manifest["unexpected_ids"]) == (2, ["x", "y"])
+    assert manifest["first_errors"] == ["HTTP 400: bad request (invalid)"]  # not the unrequested ids' errors
+    assert [(r["custom_id"], r["status"]) for r in read_records(records)] == [
+        ("a", "succeeded"),
+        ("b", "failed"),
+    ]
+
+
+def test_unexpected_counts_distinct_ids_and_lists_them_capped(tmp_path):
+    strangers = [success(f"s{i}") for i in range(8)]
+    output = jsonl(tmp_path / "out.jsonl", *strangers, *strangers, success("a"))
+    errors = jsonl(tmp_path / "err.jsonl", http_failure("s0"), http_failure("s9"))
+    manifest = join_results(output_path=output, error_path=errors, expected_ids=["a"], max_listed_ids=3)
+    assert (manifest["unexpected"], manifest["unexpected_ids"]) == (9, ["s0", "s1", "s2"])
+    assert (manifest["succeeded"], manifest["total"], manifest["duplicates"]) == (1, 1, 0)
+
+
+def test_every_line_unexpected_when_nothing_was_requested(tmp_path):
+    output = jsonl(tmp_path / "out.jsonl", success("a"))
+    records = tmp_path / "records.jsonl"
+    manifest = join_results(output_path=output, expected_ids=[], records_path=records)
+    assert (manifest["succeeded"], manifest["total"], manifest["unexpected"]) == (0, 0, 1)
+    assert records.read_text() == ""
+
+
+def test_ids_listed_twice_in_the_input_count_once(tmp_path):
+    output = jsonl(tmp_path / "out.jsonl", success("a"))
+    errors = jsonl(tmp_path / "err.jsonl", http_failure("b"))
+    records = tmp_path / "records.jsonl"
+    manifest = join_results(
+        output_path=output,
+        error_path=errors,
+        expected_ids=iter(["a", "b", "c", "a", "c", "b", "c"]),
+        records_path=records,
+    )
+    assert (manifest["succeeded"], manifest["failed"], manifest["missing"], manifest["total"]) == (1, 1, 1, 3)
+    assert manifest["missing_ids"] == ["c"]
+    assert [r["custom_id"] for r in read_records(records)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("output_lines", "error_lines"),
+    [
+        ([success("a", "win")], [http_failure("a")]),
+        ([http_failure("a")], [success("a", "win")]),
+        ([http_failure("a"), success("a", "win")], []),
+        ([success("a", "win"), http_failure("a")], []),
+        ([], [coded_failure("a"), success("a", "win"), http_failure("a")]),
+    ],
+    ids=[
+        "output-success-error-failure",
+        "output-failure-error-success",
+        "failure-then-success",
+        "success-then-failure",
+        "all-in-errors",
+    ],
+)
+def test_success_and_failure_for_one_id_keep_the_success(tmp_path, output_lines, error_lines):
+    output = jsonl(tmp_path / "out.jsonl", *output_lines)
+    errors = jsonl(tmp_path / "err.jsonl", *error_lines)
+    records = tmp_path / "records.jsonl"
+    manifest = join_results(output_path=output, error_path=errors, expected_ids=["a"], records_path=records)
+    assert (manifest["succeeded"], manifest["failed"], manifest["total"]) == (1, 0, 1)
+    assert manifest["duplicates"] == len(output_lines) + len(error_lines) - 1
+    assert manifest["failed_ids"] == manifest["first_errors"] == []
+    assert [(r["custom_id"], r["status"], r["content"]) for r in read_records(records)] == [
+        ("a", "succeeded", "win")
+    ]
+
+
+def test_two_failures_for_one_id_keep_the_first_read(tmp_path):
+    output = jsonl(tmp_path / "out.jsonl", http_failure("a", 500, "in output"))
+    errors = jsonl(tmp_path / "err.jsonl", http_failure("a", 400, "in errors"))
+    records = tmp_path / "records.jsonl"
+    manifest = join_results(output_path=output, error_path=errors, expected_ids=["a"], records_path=records)
+    assert (manifest["failed"], manifest["duplicates"], manifest["total"]) == (1, 1, 1)
+    assert manifest["first_errors"] == ["HTTP 500: in output (invalid)"]
+    assert [r["error"] for r in read_records(records)] == ["HTTP 500: in output (invalid)"]
+
+
+def test_without_expected_ids_nothing_is_unexpected(tmp_path):
+    output = jsonl(tmp_path / "out.jsonl", success("a"), success("b"))
+    manifest = join_results(output_path=output)
+    assert (manifest["succeeded"], manifest["total"], manifest["unexpected"], manifest["unexpected_ids"]) == (
+        2,
+        2,
+        0,
+        [],
+    )
+
+
+def test_expected_total_fallback_total_is_never_below_the_ids_read(tmp_path, caplog):
+    output = jsonl(tmp_path / "out.jsonl", success("a"), success("b"))
+    errors = jsonl(tmp_path / "err.jsonl", http_failure("c"))
+    manifest = join_results(output_path=output, error_path=errors, expected_total=2)
+    assert (manifest["succeeded"], manifest["failed"], manifest["missing"], manifest["total"]) == (2, 1, 0, 3)
+    assert manifest["unexpected"] == 0  # which ids are extra cannot be known without the input
+    assert "the batch had 2 requests" in caplog.text
+
+
+def _random_case(rng: random.Random) -> tuple[list[str], list[dict | str], list[dict | str], dict]:
+    """Return expected ids (with repeats), output and error lines, and what the join must make of them."""
+    requested = [f"r{i}" for i in range(rng.randint(0, 30))]
+    strangers = [f"u{i}" for i in range(rng.randint(0, 6))]
+    expected = requested + rng.choices(requested, k=rng.randint(0, 5)) if requested else []
+    rng.shuffle(expected)
+    lines: list[tuple[str, dict | str]] = []  # (file, line), in the order they will be written
+    serial = 0
+    for custom_id in requested + strangers:
+        kind = rng.choice(["succeeded", "failed", "missing", "mixed", "duplicate"])
+        count = {"succeeded": 1, "failed": 1, "missing": 0}.get(kind, rng.randint(2, 4))
+        for _ in range(count):
+            serial += 1
+            ok = (
+                kind == "succeeded"
+                or (kind == "duplicate" and rng.random() < 0.8)
+                or (kind == "mixed" and rng.random() < 0.4)
+            )
+            line = (
+                success(custom_id, f"answer {serial}", prompt=serial, completion=1)
+                if ok
+                else http_failure(custom_id, 500, f"problem {serial}")
+            )
+            lines.append((rng.choice(["output", "errors"]), line))
+    rng.shuffle(lines)
+    unparseable = rng.randint(0, 2)
+    for _ in range(unparseable):
+        lines.insert(rng.randint(0, len(lines)), (rng.choice(["output", "errors"]), "{truncated"))
+    output = [line for where, line in lines if where == "output"]
+    errors = [line for where, line in lines if where == "errors"]
+    # The oracle: read the output file, then the error file; per id the first success, else the first failure.
+    winner: dict[str, dict] = {}
+    read = [line for line in output + errors if isinstance(line, dict)]
+    for line in read:
+        custom_id, ok = line["custom_id"], line["response"]["status_code"] == 200
+        if custom_id not in winner or (ok and winner[custom_id]["response"]["status_code"] != 200):
+            winner[custom_id] = line
+    wanted = set(requested)
+    answered = [cid for cid in winner if cid in wanted]
+    truth = {
+        "status": {
+            cid: (
+                "missing"
+                if cid not in winner
+                else "succeeded"
+                if winner[cid]["response"]["status_code"] == 200
+                else "failed"
+            )
+            for cid in requested
+        },
+        "winner": winner,
+        "unexpected": len({cid for cid in winner if cid not in wanted}),
+        "duplicates": sum(1 for line in read if line["custom_id"] in wanted) - len(answered),
+        "unparseable": unparseable,
+        "prompt_tokens": sum(
+            winner[cid]["response"]["body"]["usage"]["prompt_tokens"]
+            for cid in answered
+            if winner[cid]["response"]["status_code"] == 200
+        ),
+    }
+    return expected, output, errors, truth
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_requested_id_has_exactly_one_record(tmp_path, seed):
+    rng = random.Random(seed)
+    expected, output_lines, error_lines, truth = _random_case(rng)
+    output = jsonl(tmp_path / "out.jsonl", *output_lines)
+    errors = jsonl(tmp_path / "err.jsonl", *error_lines)
+    records_path = tmp_path / "records.jsonl"
+    manifest = join_results(
+        output_path=output,
+        error_path=errors,
+        expected_ids=iter(expected),  # one pass only
+        records_path=records_path,
+        max_listed_ids=1000,
+    )
+    records = read_records(records_path) if records_path.read_text() else []
+    ids = [r["custom_id"] for r in records]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == set(expected)
+    assert {r["custom_id"]: r["status"] for r in records} == truth["status"]
+    for record in records:
+        if record["status"] == "succeeded":
+            assert (
+                record["content"]
+                == truth["winner"][record["custom_id"]]["response"]["body"]["choices"][0]["message"][
+                    "content"
+                ]
+            )
+        elif record["status"] == "failed":
+            assert record["raw"] == truth["winner"][record["custom_id"]]
+    statuses = list(truth["status"].values())
+    for key in ("succeeded", "failed", "missing"):
+        assert manifest[key] == statuses.count(key)
+    assert manifest["succeeded"] + manifest["failed"] + manifest["missing"] == manifest["total"]
+    assert manifest["total"] == len(set(expected))
+    assert manifest["unexpected"] == truth["unexpected"] == len(manifest["unexpected_ids"])
+    assert not set(manifest["unexpected_ids"]) & set(expected)
+    assert manifest["duplicates"] == truth["duplicates"]
+    assert manifest["unparseable"] == truth["unparseable"]
+    assert manifest["usage"]["prompt_tokens"] == truth["prompt_tokens"]
+    assert sorted(manifest["failed_ids"]) == sorted(c for c, s in truth["status"].items() if s == "failed")
+    assert sorted(manifest["missing_ids"]) == sorted(c for c, s in truth["status"].items() if s == "missing")

@@ -288,3 +288,22 @@ def test_cancel_operator_leaves_a_finished_batch(kluster_conn, hook, emulator):
     status = KlusterCancelBatchOperator(task_id="cancel", batch_id=batch_id).execute(make_context())
     assert status == "completed"
     assert emulator.emulator.counters.get("POST /v1/batches/{id}/cancel", 0) == 0
+
+
+def test_results_count_lines_for_unrequested_ids_apart(kluster_conn, hook, emulator, tmp_path):
+    batch_id = _finished_batch(kluster_conn, hook, PROMPTS)
+    state = emulator.emulator
+    batch = state.get_batch(batch_id)
+    answered = state.get_file(batch.output_file_id).path.read_bytes()
+    stranger = json.loads(answered.splitlines()[0])
+    stranger["custom_id"] = "never-requested"
+    batch.output_file_id = state.add_file(  # kluster answering an id the input never had
+        answered + json.dumps(stranger).encode() + b"\n", purpose="batch_output"
+    )
+    manifest = KlusterGetBatchResultsOperator(
+        task_id="results", batch_id=batch_id, destination=str(tmp_path), return_records=10
+    ).execute(make_context())
+    assert (manifest["succeeded"], manifest["failed"], manifest["missing"], manifest["total"]) == (3, 0, 0, 3)
+    assert (manifest["unexpected"], manifest["unexpected_ids"]) == (1, ["never-requested"])
+    records = [json.loads(line) for line in open(manifest["records_path"])]
+    assert sorted(r["custom_id"] for r in records) == ["request-0", "request-1", "request-2"]
