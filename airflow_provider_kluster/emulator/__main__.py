@@ -16,9 +16,12 @@ Inject an HTTP fault (repeatable). Syntax: "<METHOD> <PATH>[:key=value]...", e.g
   "POST /v1/batches:rate=0.5:status=503"
   "GET /v1/batches/{id}:times=3:status=429:retry_after=1"
   "GET /v1/files/{id}/content:times=1:drop"
+  "POST /v1/batches:times=1:status=503:after_commit"
   "* *:latency=0.2"
 keys: status, times, rate (0..1, seeded), retry_after, latency (s), message,
-drop (close the connection without a response), malformed (invalid JSON body)."""
+drop (close the connection without a response), malformed (invalid JSON body),
+after_commit (run the request first - the batch is created, the file stored -
+then answer with the fault or drop: the work was done but the answer was lost)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

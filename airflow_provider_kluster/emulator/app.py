@@ -9,9 +9,11 @@ Error envelopes follow the two styles seen from the real service:
 Admin endpoints (no authentication; not counted):
 
 * ``GET /_emulator/faults`` — ``{rules, stuck, fail_share, cancel_delay}``;
-* ``PUT /_emulator/faults`` — a rule object (``{"route", "status", "times", ...}``, appended), a list of
+* ``PUT /_emulator/faults`` — a rule object (``{"route", "status", "times", "rate", "retry_after",
+  "latency", "drop_connection", "malformed_body", "message", "after_commit"}``, appended), a list of
   rules (appended), or a full document ``{rules, stuck, fail_share, cancel_delay}`` (replaces the rules
-  and stuck batches unless ``?replace=false``);
+  and stuck batches unless ``?replace=false``). ``"after_commit": true`` runs the route first and only
+  then replaces its answer by the fault (see :class:`~airflow_provider_kluster.emulator.faults.FaultRule`);
 * ``DELETE /_emulator/faults`` — clear all faults;
 * ``GET /_emulator/counters`` — request counters;
 * ``POST /_emulator/reset`` — forget files, batches, faults and counters;
@@ -45,7 +47,7 @@ from airflow_provider_kluster.emulator.faults import FaultRule, normalize_route
 from airflow_provider_kluster.emulator.state import ALL_STATUSES, ALLOWED_WINDOWS
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from airflow_provider_kluster.emulator.state import KlusterEmulator
 
@@ -82,7 +84,12 @@ def _bad_request(message: str) -> JSONResponse:
 
 
 class EmulatorMiddleware:
-    """Outer ASGI layer: counts requests per route, injects faults, then checks the bearer key."""
+    """Outer ASGI layer: counts requests per route, injects faults, then checks the bearer key.
+
+    A fault normally answers instead of the route. An ``after_commit`` fault lets the request through
+    (auth check and route run, their answer is swallowed) and then answers with the fault, or drops the
+    connection, as if the response had been lost on the way back.
+    """
 
     def __init__(self, app: FastAPI, emulator: KlusterEmulator) -> None:
         self.app = app
@@ -110,6 +117,8 @@ class EmulatorMiddleware:
             log.info("injecting fault %s on %s", rule.id, key)
             if rule.latency:
                 await asyncio.sleep(rule.latency)
+            if rule.after_commit and rule.replaces_response:
+                await self._handle_and_discard(scope, receive)
             if rule.drop_connection:
                 await self._drop(scope, send)
                 return
@@ -117,10 +126,29 @@ class EmulatorMiddleware:
             if response is not None:
                 await response(scope, receive, send)
                 return
+        await self._handle(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the bearer key, then run the route."""
         if not self._authorised(scope):
             await kluster_error(401, "Invalid API key")(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _handle_and_discard(self, scope: Scope, receive: Receive) -> None:
+        """Handle the request normally (state changes happen) but throw its response away."""
+        status: list[int] = []
+
+        async def swallow(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+
+        try:
+            await self._handle(scope, receive, swallow)
+        except Exception:
+            # the route's own answer is replaced anyway; report the crash and still inject the fault
+            log.exception("route crashed under an after_commit fault")
+        log.info("after_commit: discarded the route's answer (status %s)", status[0] if status else None)
 
     def _authorised(self, scope: Scope) -> bool:
         expected = f"Bearer {self.emulator.config.api_key}"

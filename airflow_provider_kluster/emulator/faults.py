@@ -4,6 +4,8 @@ Two kinds of faults exist:
 
 * **HTTP faults** (:class:`FaultRule`) fire on matching requests before they reach the route: an error
   status (optionally with ``Retry-After``), extra latency, a dropped connection or a malformed 200 body.
+  With ``after_commit`` the route runs first (the batch is created, the file stored) and only its answer
+  is replaced by the fault: "the server did the work but the answer was lost".
 * **Batch faults**: a batch can be made to *stick* in a status (:meth:`FaultInjector.stick_batch`), a share
   of the requests inside batches can be made to fail into the error file (:attr:`FaultInjector.fail_share`)
   and the cancellation delay can be overridden (:attr:`FaultInjector.cancel_delay`).
@@ -17,11 +19,15 @@ CLI / string syntax (``--fault``), parsed by :func:`parse_fault_spec`::
     e.g.  "POST /v1/batches:rate=0.5:status=503"
           "GET /v1/batches/{id}:times=3:status=429:retry_after=1"
           "GET /v1/files/{id}/content:times=1:drop"
+          "POST /v1/batches:times=1:status=503:after_commit"
+          "POST /v1/files:times=1:drop:after_commit"
           "* *:latency=0.2"
 
 Keys: ``status``, ``times``, ``rate``, ``retry_after``, ``latency``, ``message``, ``drop`` (or
-``drop_connection``), ``malformed`` (or ``malformed_body``). Path placeholders may use any name
-(``{id}``, ``{batch_id}``); ``*`` matches any method or path.
+``drop_connection``), ``malformed`` (or ``malformed_body``), ``after_commit``. The flags (``drop``,
+``malformed``, ``after_commit``) may be given bare or as ``=1``/``=0`` (also ``true``/``false``,
+``yes``/``no``). Path placeholders may use any name (``{id}``, ``{batch_id}``); ``*`` matches any
+method or path.
 """
 
 from __future__ import annotations
@@ -72,6 +78,13 @@ class FaultRule:
     :param drop_connection: close the TCP connection without sending any response.
     :param malformed_body: answer with a body that is not valid JSON.
     :param message: error message placed in the JSON error body.
+    :param after_commit: let the request be handled normally first (auth check and route: the batch is
+        really created, the file really stored, counters move) and only then replace its answer by the
+        fault — the ``status`` error (JSON error body, ``Retry-After`` when set), the malformed body, or
+        ``drop_connection`` (the connection is closed without any response). Simulates "the server did
+        the work but the answer was lost", the way a client retry creates a duplicate batch. Needs
+        ``status``, ``malformed_body`` or ``drop_connection``; ``latency`` is still slept before the
+        request is handled; ``times``/``rate``/``fired`` count firings as usual.
     """
 
     route: str = "*"
@@ -83,6 +96,7 @@ class FaultRule:
     drop_connection: bool = False
     malformed_body: bool = False
     message: str | None = None
+    after_commit: bool = False
     id: int = 0
     fired: int = 0
     _key: str = field(default="", repr=False)
@@ -98,6 +112,15 @@ class FaultRule:
             raise ValueError("times must be >= 0")
         if self.status is not None and not 100 <= int(self.status) <= 599:
             raise ValueError("status must be an HTTP status code")
+        if not isinstance(self.after_commit, bool):
+            raise ValueError("after_commit must be true or false")
+        if self.after_commit and not self.replaces_response:
+            raise ValueError("after_commit needs status, malformed_body or drop_connection")
+
+    @property
+    def replaces_response(self) -> bool:
+        """Whether firing answers instead of the route (otherwise the rule only adds latency)."""
+        return self.drop_connection or self.malformed_body or self.status is not None
 
     @property
     def exhausted(self) -> bool:
@@ -137,6 +160,7 @@ _RULE_FIELDS = {
     "drop_connection",
     "malformed_body",
     "message",
+    "after_commit",
 }
 
 
@@ -170,6 +194,8 @@ def parse_fault_spec(spec: str) -> dict[str, Any]:
             kwargs["drop_connection"] = value.lower() not in ("0", "false", "no")
         elif key in ("malformed", "malformed_body"):
             kwargs["malformed_body"] = value.lower() not in ("0", "false", "no")
+        elif key == "after_commit":
+            kwargs["after_commit"] = value.lower() not in ("0", "false", "no")
         elif key in ("status", "times"):
             kwargs[key] = int(value)
         elif key in ("rate", "retry_after", "latency"):
@@ -212,6 +238,7 @@ class FaultInjector:
         drop_connection: bool = False,
         malformed_body: bool = False,
         message: str | None = None,
+        after_commit: bool = False,
     ) -> FaultRule:
         """Register an HTTP fault; see :class:`FaultRule` for the arguments.
 
@@ -227,6 +254,7 @@ class FaultInjector:
             drop_connection=drop_connection,
             malformed_body=malformed_body,
             message=message,
+            after_commit=after_commit,
         )
         return self.add_rule(rule)
 

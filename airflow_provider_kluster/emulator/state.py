@@ -492,6 +492,38 @@ class KlusterEmulator:
         self._spawn(self._run_batch(batch))
         return batch
 
+    def seed_batches(
+        self,
+        count: int,
+        *,
+        age: float = 86_400.0,
+        status: str = "completed",
+        metadata: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Add ``count`` finished batches created ``age`` seconds ago, as an account in use has (no lifecycle).
+
+        For tests and benchmarks of listing and scanning; the batches have no files.
+        """
+        created = time.time() - age
+        ids = []
+        with self._lock:
+            for i in range(count):
+                batch = BatchRecord(
+                    id=new_object_id(),
+                    seq=next(self._seq),
+                    input_file_id=new_object_id(),
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                    metadata=dict(metadata or {}),
+                    created_at=created + i * 0.001,
+                    expires_at=created + 86_400.0,
+                    status=status,
+                    timestamps={status + "_at": created + 1.0},
+                )
+                self._batches[batch.id] = batch
+                ids.append(batch.id)
+        return ids
+
     def delete_batch(self, batch_id: str, *, delete_files: bool = False) -> bool:
         """Forget a batch (optionally with its input/output/error files)."""
         with self._lock:

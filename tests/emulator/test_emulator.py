@@ -17,7 +17,14 @@ import httpx
 import openai
 import pytest
 
-from airflow_provider_kluster.emulator import EmulatorServer, KlusterEmulator, parse_fault_spec
+from airflow_provider_kluster.emulator import (
+    EmulatorServer,
+    FaultInjector,
+    FaultRule,
+    KlusterEmulator,
+    parse_fault_spec,
+)
+from airflow_provider_kluster.emulator.faults import rule_from_dict
 from tests.helpers import FIXTURES
 
 if not any(
@@ -450,6 +457,231 @@ def test_fault_drop_connection(server: EmulatorServer, client: httpx.Client) -> 
     oai = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
     with pytest.raises(openai.APIConnectionError):
         oai.models.list()
+
+
+BATCH_BODY = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
+
+
+def _batch_ids(client: httpx.Client) -> list[str]:
+    return [b["id"] for b in client.get("/batches").json()["data"]]
+
+
+def test_fault_after_commit_status_creates_batch(server: EmulatorServer, client: httpx.Client) -> None:
+    server.emulator.faults.stick_batch("*", "pre_schedule")
+    file_id = upload(client, make_lines(1))["id"]
+    rule = server.emulator.faults.add(
+        "POST /v1/batches", status=503, times=1, retry_after=2, after_commit=True
+    )
+    resp = client.post("/batches", json={"input_file_id": file_id, **BATCH_BODY})
+    assert resp.status_code == 503
+    assert resp.headers["retry-after"] == "2"
+    assert resp.json() == {
+        "message": "Service Unavailable (injected by the kluster emulator)",
+        "errorCode": -1,
+    }
+    # the server did the work although the client got an error
+    [lost_id] = _batch_ids(client)
+    assert client.get(f"/batches/{lost_id}").json()["input_file_id"] == file_id
+    assert server.emulator.counters["batches_created"] == 1
+    assert rule.fired == 1
+    assert rule.exhausted
+    # times=1: the next request is answered normally
+    again = create_batch(client, file_id)
+    assert again["id"] != lost_id
+    assert sorted(_batch_ids(client)) == sorted([lost_id, again["id"]])
+    assert server.emulator.counters["batches_created"] == 2
+    assert server.emulator.counters["POST /v1/batches"] == 2
+    assert rule.fired == 1
+
+
+def test_fault_after_commit_429_and_malformed(server: EmulatorServer, client: httpx.Client) -> None:
+    server.emulator.faults.stick_batch("*", "pre_schedule")
+    file_id = upload(client, make_lines(1))["id"]
+    server.emulator.faults.add(
+        "POST /v1/batches", status=429, times=1, message="slow down", after_commit=True
+    )
+    resp = client.post("/batches", json={"input_file_id": file_id, **BATCH_BODY})
+    assert resp.status_code == 429
+    assert resp.json() == {
+        "error": {"message": "slow down", "errorCode": 4290, "type": "rate_limit_error"},
+    }
+    assert len(_batch_ids(client)) == 1
+    server.emulator.faults.add("POST /v1/batches", malformed_body=True, times=1, after_commit=True)
+    resp = client.post("/batches", json={"input_file_id": file_id, **BATCH_BODY})
+    assert resp.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        resp.json()
+    assert len(_batch_ids(client)) == 2
+
+
+def test_fault_after_commit_drop_creates_batch(server: EmulatorServer, client: httpx.Client) -> None:
+    server.emulator.faults.stick_batch("*", "pre_schedule")
+    file_id = upload(client, make_lines(1))["id"]
+    rule = server.emulator.faults.add("POST /v1/batches", drop_connection=True, times=1, after_commit=True)
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+        client.post("/batches", json={"input_file_id": file_id, **BATCH_BODY})
+    [lost_id] = _batch_ids(client)
+    assert server.emulator.counters["batches_created"] == 1
+    assert rule.fired == 1
+    assert create_batch(client, file_id)["id"] != lost_id  # times=1: back to normal
+    assert len(_batch_ids(client)) == 2
+    # on the wire: the request is fully handled, then the TCP connection closes with not one byte sent
+    server.emulator.faults.add("POST /v1/batches", drop_connection=True, times=1, after_commit=True)
+    body = json.dumps({"input_file_id": file_id, **BATCH_BODY}).encode()
+    request = (
+        b"POST /v1/batches HTTP/1.1\r\nHost: emulator\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received == b""
+    assert len(_batch_ids(client)) == 3
+
+
+def test_fault_after_commit_duplicates_batch_on_sdk_retry(server: EmulatorServer) -> None:
+    """The motivating case: a retried create whose first answer was lost makes two (paid) batches."""
+    server.emulator.faults.stick_batch("*", "pre_schedule")
+    file_id = server.emulator.add_file(make_lines(1))
+    server.emulator.faults.add("POST /v1/batches", status=503, times=1, retry_after=0.01, after_commit=True)
+    oai = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=1)
+    batch = oai.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    ids = server.emulator.list_batch_ids()
+    assert len(ids) == 2
+    assert batch.id in ids
+    assert server.emulator.counters["batches_created"] == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [({"status": 503}, None), ({"drop_connection": True}, httpx.RemoteProtocolError)],
+    ids=["status", "drop"],
+)
+def test_fault_after_commit_file_upload(
+    server: EmulatorServer, client: httpx.Client, fault: dict[str, Any], error: type[Exception] | None
+) -> None:
+    content = make_lines(3)
+    rule = server.emulator.faults.add("POST /v1/files", times=1, after_commit=True, **fault)
+
+    def post() -> httpx.Response:
+        return client.post("/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"})
+
+    if error is None:
+        resp = post()
+        assert resp.status_code == 503
+        assert resp.json()["errorCode"] == -1
+    else:
+        with pytest.raises(error):
+            post()
+    [stored] = client.get("/files").json()["data"]
+    assert stored["bytes"] == len(content)
+    assert client.get("/files/{}/content".format(stored["id"])).content == content
+    assert server.emulator.counters["files_uploaded"] == 1
+    assert rule.fired == 1
+    second = upload(client, content)  # times=1: normal again
+    assert second["id"] != stored["id"]
+    assert len(client.get("/files").json()["data"]) == 2
+    assert server.emulator.counters["files_uploaded"] == 2
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [{"status": 503}, {"status": 429}, {"drop_connection": True}, {"malformed_body": True}],
+    ids=["503", "429", "drop", "malformed"],
+)
+def test_fault_without_after_commit_does_nothing(
+    server: EmulatorServer, client: httpx.Client, fault: dict[str, Any]
+) -> None:
+    file_id = server.emulator.add_file(make_lines(1))
+    rules = [
+        server.emulator.faults.add("POST /v1/batches", times=1, **fault),
+        server.emulator.faults.add("POST /v1/files", times=1, **fault),
+    ]
+    assert not any(r.after_commit for r in rules)
+    requests = [
+        lambda: client.post("/batches", json={"input_file_id": file_id, **BATCH_BODY}),
+        lambda: client.post("/files", files={"file": ("x.jsonl", b"x\n")}, data={"purpose": "batch"}),
+    ]
+    for send in requests:
+        if fault.get("drop_connection"):
+            # dropped before the request body is read: the close may come as EOF or as a reset (RST)
+            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+                send()
+        else:
+            assert send().status_code == fault.get("status", 200)
+    assert server.emulator.list_batch_ids() == []
+    assert [f["id"] for f in client.get("/files").json()["data"]] == [file_id]
+    counters = server.emulator.counters
+    assert "batches_created" not in counters
+    assert "files_uploaded" not in counters
+    assert [r.fired for r in rules] == [1, 1]
+
+
+def test_after_commit_rule_api_and_round_trip(server: EmulatorServer, client: httpx.Client) -> None:
+    for spec in (
+        "POST /v1/batches:times=1:status=503:after_commit",
+        "POST /v1/batches:times=1:status=503:after_commit=1",
+        "POST /v1/batches:times=1:status=503:after-commit=true",
+    ):
+        assert parse_fault_spec(spec) == {
+            "route": "POST /v1/batches",
+            "times": 1,
+            "status": 503,
+            "after_commit": True,
+        }
+    assert parse_fault_spec("POST /v1/files:drop:after_commit=0") == {
+        "route": "POST /v1/files",
+        "drop_connection": True,
+        "after_commit": False,
+    }
+    faults = server.emulator.faults
+    rule = faults.add_spec("POST /v1/files:drop:after_commit:times=2")
+    assert rule.after_commit is True
+    assert rule.drop_connection is True
+    data = rule.to_dict()
+    assert data["after_commit"] is True
+    again = rule_from_dict(data)
+    assert again.after_commit is True
+    assert again.to_dict() == {**data, "id": 0}
+    assert faults.add("GET /v1/models", status=500).to_dict()["after_commit"] is False
+    with pytest.raises(ValueError, match="after_commit needs"):
+        faults.add("POST /v1/batches", latency=0.1, after_commit=True)
+    with pytest.raises(ValueError, match="after_commit must be"):
+        FaultRule("POST /v1/batches", status=503, after_commit="yes")  # type: ignore[arg-type]
+    assert FaultInjector().add(after_commit=True, status=503).after_commit is True
+    # over HTTP: PUT /_emulator/faults accepts the field and GET shows it
+    faults.clear()
+    admin = httpx.Client(base_url=server.root_url, timeout=10)
+    try:
+        resp = admin.put(
+            "/_emulator/faults",
+            json={"route": "POST /v1/batches", "status": 502, "times": 1, "after_commit": True},
+        )
+        assert resp.status_code == 200
+        assert [r["after_commit"] for r in resp.json()["rules"]] == [True]
+        bad = {"route": "POST /v1/batches", "status": 502, "after_commit": "yes"}
+        assert admin.put("/_emulator/faults", json=bad).status_code == 400
+        bad = {"route": "POST /v1/batches", "after_commit": True}
+        assert admin.put("/_emulator/faults", json=bad).status_code == 400
+        faults.stick_batch("*", "pre_schedule")
+        file_id = server.emulator.add_file(make_lines(1))
+        resp = client.post("/batches", json={"input_file_id": file_id, **BATCH_BODY})
+        assert resp.status_code == 502
+        assert len(server.emulator.list_batch_ids()) == 1
+        [listed] = admin.get("/_emulator/faults").json()["rules"]
+        assert listed["after_commit"] is True
+        assert listed["fired"] == 1
+        assert listed["exhausted"] is True
+        document = {"rules": [{"route": "POST /v1/files", "drop_connection": True, "after_commit": True}]}
+        resp = admin.put("/_emulator/faults", json=document)
+        assert [(r["route"], r["after_commit"]) for r in resp.json()["rules"]] == [("POST /v1/files", True)]
+    finally:
+        admin.close()
 
 
 def test_fault_malformed_body_and_latency(server: EmulatorServer, client: httpx.Client) -> None:
