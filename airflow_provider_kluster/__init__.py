@@ -3,9 +3,10 @@
 How the package is layered — dependencies run one way, from the Airflow-facing modules down to pure ones:
 
 * **Pure modules** — ``batches`` (the batch object and wire constants), ``waiting`` (the waiting policy and the
-  events it ends with), ``request_files``, ``results``, ``paths``, ``exceptions``, ``reattach``, ``connection``
-  and ``links`` — hold the provider's decisions and data. They never import the hook, ``openai`` or
-  ``httpx2`` (not even for type checking), so each can be read and tested without a network client.
+  events it ends with), ``request_files``, ``results``, ``paths``, ``exceptions``, ``reattach``, ``connection``,
+  ``masking``, ``parameters`` and ``links`` — hold the provider's decisions and data. They never import the
+  hook, ``openai`` or ``httpx2`` (not even for type checking), so each can be read and tested without a
+  network client.
 * **The hook** (``hooks.kluster``) is the only module that talks to kluster.ai.
 * **Operators, sensors and triggers** wire the two into Airflow.
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
-
-from airflow_provider_kluster.exceptions import KlusterConfigError
 
 log = logging.getLogger(__name__)
 
 #: The only endpoint kluster.ai accepts for batches (and the ``url`` of every request line).
 BATCH_ENDPOINT = "/v1/chat/completions"
-#: The completion windows kluster.ai accepts.
-COMPLETION_WINDOWS = ("24h", "48h", "72h")
+#: The completion windows kluster.ai accepts (its request schema's enum; ``asap``: as soon as possible).
+COMPLETION_WINDOWS = ("24h", "48h", "72h", "asap")
 #: The metadata key under which kluster.ai reads its own batch options.
 KLUSTER_METADATA_KEY = "@kluster.ai"
 #: kluster's own batch options (sent under :data:`KLUSTER_METADATA_KEY`).
@@ -270,18 +269,19 @@ class KlusterBatch:
 
 
 def build_metadata(
-    metadata: dict[str, Any] | None, kluster_options: dict[str, bool] | None
+    metadata: dict[str, Any] | None,
+    kluster_options: dict[str, bool] | None,
+    *,
+    reserved_keys: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Merge user metadata and kluster's own options (under ``@kluster.ai``) into one metadata object.
+    """Check user metadata and kluster's own options (sent under ``@kluster.ai``) and merge them into one object.
 
-    :raises KlusterConfigError: An option kluster.ai does not know (nothing is sent).
+    Checked as :func:`~airflow_provider_kluster.parameters.check_metadata` does: string values within kluster's
+    limits, boolean options, at most 16 keys in all — ``reserved_keys`` (added by the caller afterwards) included.
+
+    :raises KlusterConfigError: An option kluster.ai does not know, a non-boolean option, or metadata over its
+        limits (nothing is sent).
     """
-    merged: dict[str, Any] = dict(metadata or {})
-    if kluster_options:
-        unknown = set(kluster_options) - KLUSTER_OPTIONS
-        if unknown:
-            raise KlusterConfigError(
-                f"Unknown kluster_options {sorted(unknown)}; allowed: {sorted(KLUSTER_OPTIONS)}."
-            )
-        merged[KLUSTER_METADATA_KEY] = {k: bool(v) for k, v in kluster_options.items()}
-    return merged
+    from airflow_provider_kluster.parameters import check_metadata  # it imports this module's constants
+
+    return check_metadata(metadata, kluster_options=kluster_options, reserved_keys=reserved_keys)

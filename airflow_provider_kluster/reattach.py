@@ -9,6 +9,7 @@ named after both, so a try that died between upload and create reuses its file i
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -16,15 +17,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from airflow_provider_kluster.batches import BatchStatus, KlusterBatch
+from airflow_provider_kluster.batches import BatchStatus, KlusterBatch, parse_timestamp
 
 log = logging.getLogger(__name__)
 
 IDENTITY_KEY = "airflow_task_identity"
 FINGERPRINT_KEY = "airflow_input_fingerprint"
 UPLOAD_PREFIX = "airflow-"
-#: Newest batches (and files) looked at for an earlier try's batch: five pages of the list.
+#: Newest batches (and files) looked at for an earlier try's batch when the run's start is not known (five pages
+#: of the list); when it is, the scan stops at the first batch created before the run began instead.
 DEFAULT_SCAN_LIMIT = 500
+#: How far before the run's start the scan still looks: kluster's clock and Airflow's may disagree.
+CLOCK_SKEW = dt.timedelta(minutes=10)
+#: Keys in the task state store (Airflow 3.3+, AIP-103) where a try records what it created.
+STATE_UPLOAD_KEY = "kluster_upload"
+STATE_BATCH_KEY = "kluster_batch"
 ON_CHANGED_INPUT = ("resubmit", "fail")
 # A batch on its way out (cancelling: a cleared or failed task cancelled it) is replaced, never reattached to.
 _REPLACEABLE = frozenset(
@@ -36,6 +43,64 @@ def task_identity(dag_id: str, task_id: str, run_id: str, map_index: int | None)
     """Return the identity of one task of one run (all its tries share it)."""
     key = "\x1f".join([dag_id, task_id, run_id, str(-1 if map_index is None else map_index)])
     return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass
+class TaskState:
+    """This task's state store (Airflow 3.3+, AIP-103): what earlier tries recorded, kept across tries.
+
+    On Airflow below 3.3 (or any context without a store) it is empty and records nothing. ``needs_scan``
+    tells whether kluster's batch list must still be scanned: always without a store; with one, only on a
+    retry (a first try has no earlier tries, and a retry may follow a crash between create and record).
+    """
+
+    store: Any = None
+    try_number: int = 1
+
+    @classmethod
+    def of(cls, context: Any) -> TaskState:
+        """Return the state store of the running task (empty when the context has none)."""
+        store = context.get("task_state_store") if hasattr(context, "get") else None
+        ti = context.get("ti") if hasattr(context, "get") else None
+        try_number = getattr(ti, "try_number", None)
+        return cls(store=store, try_number=try_number if isinstance(try_number, int) else 1)
+
+    @property
+    def needs_scan(self) -> bool:
+        """Tell whether earlier tries may have created something the store does not know of."""
+        return self.store is None or self.try_number > 1
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return what an earlier try recorded under ``key`` (a dict), or ``None``."""
+        if self.store is None:
+            return None
+        try:
+            value = self.store.get(key)
+        except Exception as exc:  # the store is an optimisation: a failure to read it falls back to the scan
+            log.warning(
+                "Could not read %s from the task state store (%s); scanning kluster instead", key, exc
+            )
+            self.store = None
+            return None
+        return value if isinstance(value, dict) else None
+
+    def record(self, key: str, value: dict[str, Any]) -> None:
+        """Record what this try created, for the next try (JSON-native values only; never the key)."""
+        if self.store is None:
+            return
+        try:
+            self.store.set(key, value)
+        except Exception as exc:  # the scan still finds it
+            log.warning("Could not record %s in the task state store (%s)", key, exc)
+
+
+def run_start(context: Any) -> dt.datetime | None:
+    """Return when this task's DAG run began (aware UTC), or ``None`` when the context does not say."""
+    dag_run = context.get("dag_run") if hasattr(context, "get") else None
+    for value in (getattr(dag_run, "start_date", None), getattr(dag_run, "queued_at", None)):
+        if isinstance(value, dt.datetime):
+            return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return None
 
 
 def identity_from_context(context: Any) -> str:
@@ -91,23 +156,44 @@ class Previous:
         return {b.input_file_id for b in batches if b.input_file_id}
 
 
-def find_previous(hook: BatchLister, identity: str, fingerprint: str, *, scan_limit: int) -> Previous:
-    """Scan the newest ``scan_limit`` batches for ones this task created before.
+def classify(found: Previous, batch: KlusterBatch, identity: str, fingerprint: str) -> None:
+    """File one batch under ``found`` if this task created it (see :func:`find_previous`)."""
+    if batch.metadata.get(IDENTITY_KEY) != identity:
+        return
+    if batch.status in _REPLACEABLE:
+        found.replaced.append(batch)
+    elif batch.metadata.get(FINGERPRINT_KEY) != fingerprint:
+        found.changed.append(batch)
+    elif found.reusable is None:
+        found.reusable = batch
 
-    A running or completed batch (an unknown status counts as running) with the same fingerprint is
-    ``reusable``; running or completed ones made from another input are ``changed``; failed, expired or
+
+def _too_old(created_at: dt.datetime | None, since: dt.datetime | None) -> bool:
+    return since is not None and created_at is not None and created_at < since - CLOCK_SKEW
+
+
+def find_previous(
+    hook: BatchLister,
+    identity: str,
+    fingerprint: str,
+    *,
+    scan_limit: int,
+    since: dt.datetime | None = None,
+) -> Previous:
+    """Scan the newest batches for ones this task created before.
+
+    The scan stops at the first batch created before ``since`` (the DAG run's start, less
+    :data:`CLOCK_SKEW`): nothing older can belong to this run. Without ``since`` it looks at the newest
+    ``scan_limit``. A running or completed batch (an unknown status counts as running) with the same fingerprint
+    is ``reusable``; running or completed ones made from another input are ``changed``; failed, expired or
     cancelled ones are ``replaced`` by a new batch.
     """
     found = Previous()
     for scanned, batch in enumerate(hook.iter_batches(), start=1):
-        if batch.metadata.get(IDENTITY_KEY) == identity:
-            if batch.status in _REPLACEABLE:
-                found.replaced.append(batch)
-            elif batch.metadata.get(FINGERPRINT_KEY) != fingerprint:
-                found.changed.append(batch)
-            elif found.reusable is None:
-                found.reusable = batch
-        if scanned >= scan_limit:
+        if _too_old(batch.created_at, since):
+            break
+        classify(found, batch, identity, fingerprint)
+        if since is None and scanned >= scan_limit:
             break
     return found
 
@@ -120,17 +206,26 @@ class Uploads:
     others: list[str] = field(default_factory=list)
 
 
-def find_uploads(hook: BatchLister, identity: str, fingerprint: str, *, scan_limit: int) -> Uploads:
-    """Scan the newest ``scan_limit`` files for uploads of this task (by their name)."""
+def find_uploads(
+    hook: BatchLister,
+    identity: str,
+    fingerprint: str,
+    *,
+    scan_limit: int,
+    since: dt.datetime | None = None,
+) -> Uploads:
+    """Scan the newest files for uploads of this task (by their name), bounded like :func:`find_previous`."""
     name = upload_name(identity, fingerprint)
     prefix = f"{UPLOAD_PREFIX}{identity[:16]}-"
     found = Uploads()
     for scanned, item in enumerate(hook.iter_files(), start=1):
+        if _too_old(parse_timestamp(item.get("created_at")), since):
+            break
         base = str(item.get("filename") or "").rsplit("/", 1)[-1]
         if base == name and found.match is None:
             found.match = str(item["id"])
         elif base.startswith(prefix):
             found.others.append(str(item["id"]))
-        if scanned >= scan_limit:
+        if since is None and scanned >= scan_limit:
             break
     return found

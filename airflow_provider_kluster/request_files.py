@@ -3,6 +3,12 @@
 Validation streams the file as bytes, one line at a time, in constant memory apart from one 8-byte digest per
 ``custom_id`` (for duplicate detection). Every problem is reported with its 1-based line number, so a user can
 fix a whole file in one go instead of learning about one problem per failed batch.
+
+A line is refused for what kluster.ai's request schema refuses, and only that: each line must be one JSON object
+(no key named twice in an object, no ``NaN`` or ``Infinity``) that ``POST``s to ``/v1/chat/completions`` with a
+model and messages, each message with a known ``role`` and a ``content``; chat parameters whose type the schema
+fixes must have it (token limits whole numbers of at least 1, sampling parameters numbers, switches booleans).
+Parameters the schema leaves open, and ones it does not know, pass unchecked.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -27,7 +33,12 @@ BATCH_URL = BATCH_ENDPOINT
 
 #: Chat parameters kluster.ai's batch endpoint rejects.
 UNSUPPORTED_BODY_PARAMS = ("n", "response_format", "store", "service_tier", "modalities", "stream_options")
+#: Message roles kluster.ai accepts: its request schema's (assistant, function, tool, user) and ``system``,
+#: which every one of its examples uses.
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
 
+_ROLES = frozenset(MESSAGE_ROLES)
+_ROLE_LIST = ", ".join(MESSAGE_ROLES)
 _PLAN_LIMITS = "Trial 1,000; Core 100,000; Scale 500,000; Enterprise unlimited"
 _LISTED_MODELS = 5
 _SHOWN_VALUE_CHARS = 80
@@ -153,6 +164,11 @@ def _open_request_file(source: Any) -> Iterator[IO[bytes]]:
         raise KlusterRequestFileError(
             f"Request file {source} does not exist; nothing was uploaded.", [f"{source}: no such file"]
         ) from None
+    except IsADirectoryError:
+        raise KlusterRequestFileError(
+            f"Request file {source} is a directory, not a JSONL file; nothing was uploaded.",
+            [f"{source}: is a directory"],
+        ) from None
     with handle:
         yield handle
 
@@ -179,6 +195,145 @@ def _type_name(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
     )
+
+
+# -- strict JSON ------------------------------------------------------------------------------------------
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names the same key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _NonFiniteNumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python reads them, JSON (and kluster.ai) does not."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _non_finite(name: str) -> Any:
+    raise _NonFiniteNumber(name)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_non_finite)
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]  # set in __init__
+_JSON_SPACE = " \t\n\r"
+# Builder output: compact UTF-8, and NaN/Infinity refused instead of written as invalid JSON.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _parse_line(text: str) -> Any:
+    """Parse one line as strict JSON: duplicate keys raise :class:`_DuplicateKey`, ``NaN`` and ``Infinity``
+    :class:`_NonFiniteNumber`, anything else invalid ``json.JSONDecodeError``.
+
+    The scanner is called directly (``json.loads`` adds two Python frames and two regex matches per line);
+    on any failure the full decoder parses the line again, for its message with the right column.
+    """
+    value_text = text.strip(_JSON_SPACE)
+    try:
+        value, end = _SCAN(value_text, 0)
+    except (StopIteration, json.JSONDecodeError):
+        end = -1
+    if end != len(value_text):
+        return _DECODER.decode(text)
+    return value
+
+
+# -- chat parameters ---------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    kind = type(value)
+    return kind is int or kind is float or (isinstance(value, (int, float)) and kind is not bool)
+
+
+def _is_whole_number_from_one(value: Any) -> bool:
+    if type(value) is int:
+        return value >= 1
+    return _is_number(value) and value >= 1 and (isinstance(value, int) or value.is_integer())
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_stop(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+_ANY_NUMBER: tuple[Callable[[Any], bool], str] = (_is_number, "a number")
+_TOKEN_LIMIT: tuple[Callable[[Any], bool], str] = (_is_whole_number_from_one, "a whole number of at least 1")
+_BOOLEAN: tuple[Callable[[Any], bool], str] = (_is_bool, "a boolean (true or false)")
+#: The chat parameters whose type kluster.ai's request schema fixes: name -> (accepts, what is allowed).
+#: ``null`` is allowed for each; parameters the schema leaves open (and unknown ones) are not checked.
+_BODY_PARAM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_tokens": _TOKEN_LIMIT,
+    "max_completion_tokens": _TOKEN_LIMIT,
+    "temperature": _ANY_NUMBER,
+    "top_p": _ANY_NUMBER,
+    "frequency_penalty": _ANY_NUMBER,
+    "presence_penalty": _ANY_NUMBER,
+    "seed": _ANY_NUMBER,
+    "top_logprobs": _ANY_NUMBER,
+    "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "repetition_penalty": (lambda v: _is_number(v) and v >= 0, "a number of at least 0"),
+    "logprobs": _BOOLEAN,
+    "parallel_tool_calls": _BOOLEAN,
+    "stream": _BOOLEAN,
+    "stop": (_is_stop, "a string or an array of strings"),
+    "logit_bias": (lambda v: isinstance(v, dict), "an object"),
+    "tools": (lambda v: isinstance(v, list), "an array"),
+    "user": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def body_param_problem(name: str, value: Any, *, null: str = "null") -> str | None:
+    """Tell what is wrong with one chat parameter, as ``"must be …, got …"``; ``None`` when kluster.ai takes it.
+
+    Only parameters whose type kluster.ai's request schema fixes are judged (token limits, sampling numbers,
+    switches, ``stop``, …); any other name, and ``null`` for every one, passes.
+
+    :param null: How the message spells null (``"None"`` for Python arguments).
+    """
+    rule = _BODY_PARAM_RULES.get(name)
+    if rule is None or value is None or rule[0](value):
+        return None
+    return f"must be {rule[1]} (or {null}), got {_shown(value)}"
+
+
+def _message_problem(message: Any) -> str | None:
+    """Tell what is wrong with one chat message (``None``: nothing)."""
+    if not isinstance(message, dict):
+        return f"must be an object with a role and a content, got {_type_name(message)}"
+    role = message.get("role")
+    if role is None:
+        return f"has no role; give one of {_ROLE_LIST}"
+    if not isinstance(role, str) or role not in _ROLES:
+        return f"role must be one of {_ROLE_LIST}, got {_shown(role)}"
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return None  # an assistant turn that only calls tools
+        return "has no content; give a string or an array of content parts"
+    if not isinstance(content, (str, list)):
+        return f"content must be a string or an array of content parts, got {_type_name(content)}"
+    return None
 
 
 def _id_digest(custom_id: str) -> int:
@@ -229,10 +384,25 @@ class _LineChecker:
             )
             return
         try:
-            line = json.loads(text)
+            line = _parse_line(text)
+        except _DuplicateKey as exc:
+            self.add_line_problem(
+                lineno,
+                f"duplicate key {_shown(exc.key)} in one JSON object; name each key once, so the line "
+                "means one thing",
+            )
+            return
+        except _NonFiniteNumber as exc:
+            self.add_line_problem(
+                lineno, f"{exc.name} is not valid JSON (kluster.ai refuses it); write a finite number or null"
+            )
+            return
         except ValueError as exc:
             detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
             self.add_line_problem(lineno, f"invalid JSON ({detail})")
+            return
+        except RecursionError:
+            self.add_line_problem(lineno, "invalid JSON (nested too deeply to read)")
             return
         self.check(lineno, line)
 
@@ -285,6 +455,12 @@ class _LineChecker:
         if not isinstance(messages, list) or not messages:
             got = "it is missing" if messages is None else f"got {_shown(messages)}"
             self.add_line_problem(lineno, f"body.messages must be a non-empty list of messages, {got}")
+        else:
+            self._check_messages(lineno, messages)
+        for name, value in body.items():
+            rule = _BODY_PARAM_RULES.get(name)
+            if rule is not None and value is not None and not rule[0](value):
+                self.add_line_problem(lineno, f"body.{name} {body_param_problem(name, value)}")
         unsupported = [name for name in UNSUPPORTED_BODY_PARAMS if name in body]
         if unsupported:
             names = ", ".join(f"body.{name}" for name in unsupported)
@@ -292,6 +468,16 @@ class _LineChecker:
             self.add_line_problem(lineno, f"{names} {verb} not supported by kluster.ai batch; remove it")
         if body.get("stream") is True:
             self.add_line_problem(lineno, "body.stream is true; batch requests cannot stream: remove it")
+
+    def _check_messages(self, lineno: int, messages: list[Any]) -> None:
+        for index, message in enumerate(messages):
+            if type(message) is dict:  # the usual message, checked without a call
+                role = message.get("role")
+                if type(role) is str and role in _ROLES and type(message.get("content")) is str:
+                    continue
+            problem = _message_problem(message)
+            if problem:
+                self.add_line_problem(lineno, f"body.messages[{index}] {problem}")
 
     def _check_model(self, lineno: int, model: Any) -> None:
         if model is None:
@@ -477,10 +663,11 @@ def write_request_file(
         with tmp.open("wb") as out:
             for count, line in enumerate(lines, start=1):
                 checker.check(count, line)
-                data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-                out.write(data)
-                digest.update(data)
-                size += len(data)
+                data = _encode_line(checker, count, line)
+                if data is not None:
+                    out.write(data)
+                    digest.update(data)
+                    size += len(data)
                 if checker.truncated:
                     break
         if count == 0:
@@ -502,6 +689,24 @@ def write_request_file(
         sha256=digest.hexdigest(),
         models=tuple(sorted(checker.models)),
     )
+
+
+def _encode_line(checker: _LineChecker, lineno: int, line: dict[str, Any]) -> bytes | None:
+    """Return a built line as compact UTF-8 JSON with its newline; ``None`` (a problem noted) if JSON cannot carry it."""
+    try:
+        return (_ENCODER.encode(line) + "\n").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        problem = f"holds text that cannot be written as UTF-8 ({exc.reason})"
+    except ValueError as exc:
+        problem = (
+            "holds NaN or Infinity, which is not valid JSON (kluster.ai refuses it); use a finite number or None"
+            if "Out of range float" in str(exc)
+            else f"cannot be written as JSON ({exc})"
+        )
+    except (TypeError, RecursionError) as exc:
+        problem = f"cannot be written as JSON ({exc})"
+    checker.add_line_problem(lineno, problem)
+    return None
 
 
 def _raise_write_problems(dest: Any, checker: _LineChecker) -> None:

@@ -28,6 +28,8 @@ PURE = [
     "reattach",
     "connection",
     "links",
+    "masking",
+    "parameters",
 ]
 BANNED = ("openai", "httpx2", "airflow_provider_kluster.hooks")
 

@@ -80,12 +80,24 @@ def test_a_dropped_connection_is_transient_not_permanent(kluster_conn, emulator,
 
 
 def test_upload_survives_a_dropped_connection(kluster_conn, emulator, tmp_path):
+    """Nothing was stored (dropped before the server committed): the upload is looked for, then sent again."""
     path = write_jsonl(tmp_path / "r.jsonl", request_lines(200))
     emulator.emulator.faults.add(route="POST /v1/files", drop_connection=True, times=1)
-    file_id = KlusterHook(kluster_conn).upload_file(path)
+    looked = []
+    file_id = KlusterHook(kluster_conn).upload_file(path, find_created=lambda: looked.append(1))
+    assert looked == [1]
     assert emulator.emulator.counters["POST /v1/files"] == 2
     stored = emulator.emulator.get_file(file_id)
     assert stored.bytes == path.stat().st_size  # the retry sent the whole file again, not the rest of it
+
+
+def test_an_upload_with_an_unknown_outcome_is_not_blindly_retried(kluster_conn, emulator, tmp_path):
+    """Without a way to look for what it may have stored, the hook raises instead of uploading twice."""
+    path = write_jsonl(tmp_path / "r.jsonl", request_lines(3))
+    emulator.emulator.faults.add(route="POST /v1/files", status=503, times=1, retry_after=0)
+    with pytest.raises(KlusterTransientAPIError, match="Not retried"):
+        KlusterHook(kluster_conn).upload_file(path)
+    assert emulator.emulator.counters["POST /v1/files"] == 1
 
 
 class _FlakyContent:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import math
 import pathlib
 
 import pytest
@@ -259,6 +261,227 @@ def test_errors_stop_at_max_errors(tmp_path):
     assert [problem.split(":")[0] for problem in error.errors] == ["line 1", "line 2", "line 3"]
     assert str(error).startswith(f"Request file {path} has more than 3 problems; nothing was uploaded:")
     assert str(error).endswith("\n  ...and more")
+
+
+# -- what kluster's request schema refuses -------------------------------------------------------------
+
+GOOD_LINE = json.dumps(line("r-2"))
+
+
+def msgs(*messages: object) -> dict:
+    return with_body("r-2", messages=list(messages))
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        (
+            GOOD_LINE.replace('"method": "POST"', '"method": "POST", "method": "POST"'),
+            "line 2: duplicate key 'method' in one JSON object; name each key once",
+        ),
+        (
+            GOOD_LINE.replace('"model":', '"model": "other", "model":'),
+            "line 2: duplicate key 'model' in one JSON object",
+        ),
+        (
+            GOOD_LINE.replace('"role": "user"', '"role": "user", "role": "system"'),
+            "line 2: duplicate key 'role'",
+        ),
+        (
+            GOOD_LINE.replace('"model":', '"temperature": NaN, "model":'),
+            "line 2: NaN is not valid JSON (kluster.ai refuses it); write a finite number or null",
+        ),
+        (GOOD_LINE.replace('"model":', '"top_p": Infinity, "model":'), "line 2: Infinity is not valid JSON"),
+        (GOOD_LINE.replace('"model":', '"seed": -Infinity, "model":'), "line 2: -Infinity is not valid JSON"),
+        (
+            msgs({"content": "Hi"}),
+            "line 2: body.messages[0] has no role; give one of system, user, assistant, tool",
+        ),
+        (msgs({"role": None, "content": "Hi"}), "line 2: body.messages[0] has no role"),
+        (
+            msgs({"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hi"}),
+            "line 2: body.messages[1] role must be one of system, user, assistant, tool, function, got 'bot'",
+        ),
+        (msgs({"role": "User", "content": "Hi"}), "line 2: body.messages[0] role must be one of"),
+        (msgs({"role": "developer", "content": "Hi"}), "line 2: body.messages[0] role must be one of"),
+        (msgs({"role": ["user"], "content": "Hi"}), "line 2: body.messages[0] role must be one of"),
+        (msgs("Hi"), "line 2: body.messages[0] must be an object with a role and a content, got a string"),
+        (msgs({"role": "user"}), "line 2: body.messages[0] has no content; give a string or an array"),
+        (msgs({"role": "user", "content": None}), "line 2: body.messages[0] has no content"),
+        (msgs({"role": "assistant"}), "line 2: body.messages[0] has no content"),
+        (
+            msgs({"role": "user", "content": 42}),
+            "line 2: body.messages[0] content must be a string or an array of content parts, got a number",
+        ),
+        (
+            with_body("r-2", max_completion_tokens=-1),
+            "line 2: body.max_completion_tokens must be a whole number of at least 1 (or null), got -1",
+        ),
+        (
+            with_body("r-2", max_completion_tokens=0),
+            "line 2: body.max_completion_tokens must be a whole number",
+        ),
+        (
+            with_body("r-2", max_completion_tokens="1000"),
+            "line 2: body.max_completion_tokens must be a whole",
+        ),
+        (with_body("r-2", max_completion_tokens=True), "line 2: body.max_completion_tokens must be a whole"),
+        (with_body("r-2", max_tokens=1.5), "line 2: body.max_tokens must be a whole number of at least 1"),
+        (
+            with_body("r-2", temperature="0.5"),
+            "line 2: body.temperature must be a number (or null), got '0.5'",
+        ),
+        (with_body("r-2", top_p=False), "line 2: body.top_p must be a number"),
+        (with_body("r-2", min_p=1.5), "line 2: body.min_p must be a number from 0 to 1 (or null), got 1.5"),
+        (
+            with_body("r-2", repetition_penalty=-1),
+            "line 2: body.repetition_penalty must be a number of at least 0",
+        ),
+        (with_body("r-2", logprobs="yes"), "line 2: body.logprobs must be a boolean (true or false)"),
+        (with_body("r-2", stream="no"), "line 2: body.stream must be a boolean"),
+        (with_body("r-2", stop=5), "line 2: body.stop must be a string or an array of strings"),
+        (with_body("r-2", stop=["a", 1]), "line 2: body.stop must be a string or an array of strings"),
+        (with_body("r-2", tools={"type": "function"}), "line 2: body.tools must be an array"),
+        (with_body("r-2", logit_bias=[1]), "line 2: body.logit_bias must be an object"),
+    ],
+    ids=[
+        "duplicate-top-level-key",
+        "duplicate-body-key",
+        "duplicate-message-key",
+        "nan",
+        "infinity",
+        "minus-infinity",
+        "message-without-role",
+        "message-with-null-role",
+        "unknown-role",
+        "role-in-capitals",
+        "developer-role",
+        "role-not-a-string",
+        "message-not-an-object",
+        "message-without-content",
+        "message-with-null-content",
+        "assistant-without-content-or-tool-calls",
+        "content-a-number",
+        "max-completion-tokens-negative",
+        "max-completion-tokens-zero",
+        "max-completion-tokens-a-string",
+        "max-completion-tokens-a-boolean",
+        "max-tokens-fractional",
+        "temperature-a-string",
+        "top-p-a-boolean",
+        "min-p-over-one",
+        "repetition-penalty-negative",
+        "logprobs-a-string",
+        "stream-a-string",
+        "stop-a-number",
+        "stop-with-a-number",
+        "tools-not-an-array",
+        "logit-bias-not-an-object",
+    ],
+)
+def test_what_the_server_refuses_is_reported_by_line(tmp_path, bad_line, expected):
+    path = write_lines(tmp_path / "req.jsonl", line("r-1"), bad_line, line("r-3"))
+    error = problems_of(path)
+    assert len(error.errors) == 1, error.errors
+    assert error.errors[0].startswith(expected), error.errors[0]
+
+
+@pytest.mark.parametrize(
+    "good_line",
+    [
+        *[
+            msgs({"role": role, "content": "Hi"})
+            for role in ("system", "user", "assistant", "tool", "function")
+        ],
+        msgs({"role": "user", "content": [{"type": "text", "text": "Hi"}]}),
+        msgs({"role": "user", "content": []}),
+        msgs({"role": "user", "content": ""}),
+        msgs({"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {}}]}),
+        msgs({"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}),
+        msgs({"role": "tool", "content": "42", "tool_call_id": "call-1", "name": None}),
+        with_body("r-2", max_completion_tokens=1, max_tokens=1000.0),
+        with_body("r-2", temperature=0, top_p=1, frequency_penalty=-2, presence_penalty=2.0, seed=42),
+        with_body(
+            "r-2", min_p=0, repetition_penalty=0, top_logprobs=5, logprobs=True, parallel_tool_calls=False
+        ),
+        with_body("r-2", stop="\n", user="me", tools=[], logit_bias={"50256": -100}),
+        with_body("r-2", stop=["a", "b"]),
+        GOOD_LINE.replace(
+            '"model":', '"temperature": null, "max_tokens": null, "stop": null, "stream": null, "model":'
+        ),
+        with_body("r-2", future_parameter={"any": "thing"}, metadata={"k": 1}, tool_choice="auto"),
+        with_body("r-2", messages=[{"role": "user", "content": "NaN and Infinity are fine in text"}]),
+        msgs({"role": "system", "content": "a"}, {"role": "user", "content": "b"}),
+        "  " + GOOD_LINE + "\t",
+    ],
+    ids=[
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "function",
+        "content-parts",
+        "empty-content-parts",
+        "empty-content",
+        "assistant-tool-calls-without-content",
+        "assistant-function-call-without-content",
+        "tool-message",
+        "token-limits-at-one-and-whole-float",
+        "sampling-numbers",
+        "more-numbers-and-switches",
+        "stop-string-and-others",
+        "stop-list",
+        "nulls",
+        "parameters-the-schema-leaves-open",
+        "nan-in-text",
+        "same-keys-in-different-objects",
+        "json-whitespace-around",
+    ],
+)
+def test_what_the_server_accepts_passes(tmp_path, good_line):
+    path = write_lines(tmp_path / "req.jsonl", line("r-1"), good_line)
+    assert validate_request_file(path).requests == 2
+
+
+def test_invalid_json_column_counts_leading_whitespace(tmp_path):
+    """The fast parse and the full decoder agree: the column is that of the line as written."""
+    bad = '   {"custom_id": }'
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(bad)
+    path = write_lines(tmp_path / "req.jsonl", bad)
+    assert problems_of(path).errors == [
+        f"line 1: invalid JSON ({expected.value.msg} at column {expected.value.colno})"
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ['{"custom_id": "a"} x', '{"custom_id": "a"}\x0c', "nul", "{}{}"],
+    ids=["trailing", "form-feed", "nul", "two"],
+)
+def test_anything_but_one_json_value_is_invalid(tmp_path, bad):
+    path = write_lines(tmp_path / "req.jsonl", bad)
+    assert problems_of(path).errors[0].startswith("line 1: invalid JSON (")
+
+
+def test_json_nested_too_deeply_is_a_problem_not_a_crash(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", "[" * 100_000)
+    assert problems_of(path).errors == ["line 1: invalid JSON (nested too deeply to read)"]
+
+
+def test_every_bad_message_of_a_line_is_listed(tmp_path):
+    path = write_lines(tmp_path / "req.jsonl", msgs({"content": "a"}, {"role": "user", "content": "b"}, "c"))
+    assert problems_of(path).errors == [
+        "line 1: body.messages[0] has no role; give one of system, user, assistant, tool, function",
+        "line 1: body.messages[2] must be an object with a role and a content, got a string",
+    ]
+
+
+def test_a_directory_is_reported(tmp_path):
+    with pytest.raises(
+        KlusterRequestFileError, match="is a directory, not a JSONL file; nothing was uploaded"
+    ):
+        validate_request_file(tmp_path)
 
 
 # -- models and limits -----------------------------------------------------------------------------------
@@ -528,4 +751,39 @@ def test_write_keeps_existing_file_when_it_fails(tmp_path):
 def test_write_empty_list_is_rejected(tmp_path):
     with pytest.raises(KlusterRequestFileError, match="No requests to write"):
         write_request_file([], tmp_path / "req.jsonl", model=MODEL)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ({"messages": [{"content": "Hi"}]}, "line 2: body.messages[0] has no role"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "temperature": math.nan},
+            "line 2: holds NaN or Infinity",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "top_p": math.inf},
+            "line 2: holds NaN or Infinity",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "metadata": {"day": dt.date(2025, 1, 1)}},
+            "line 2: cannot be written as JSON (Object of type date is not JSON serializable)",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "\ud800"}]},
+            "line 2: holds text that cannot be written as UTF-8",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": -3},
+            "line 2: body.max_tokens must be",
+        ),
+    ],
+    ids=["no-role", "nan", "infinity", "not-json", "lone-surrogate", "negative-max-tokens"],
+)
+def test_write_refuses_what_the_server_refuses_and_leaves_nothing(tmp_path, item, expected):
+    with pytest.raises(KlusterRequestFileError, match="nothing was written") as info:
+        write_request_file(["fine", item], tmp_path / "req.jsonl", model=MODEL)
+    assert len(info.value.errors) == 1, info.value.errors
+    assert info.value.errors[0].startswith(expected), info.value.errors[0]
     assert list(tmp_path.iterdir()) == []

@@ -7,10 +7,10 @@ import contextlib
 import hashlib
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx2
 import openai
@@ -44,6 +44,7 @@ from airflow_provider_kluster.exceptions import (
     KlusterTransientAPIError,
     is_transient_status,
 )
+from airflow_provider_kluster.masking import redact
 from airflow_provider_kluster.paths import PathLike, as_path, move_into_place, temp_sibling
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ __all__ = [
     "build_metadata",
     "settings_from_connection",
 ]
+
+_T = TypeVar("_T")
 
 DOWNLOAD_CHUNK = 1024 * 1024
 LIST_PAGE_SIZE = 100
@@ -91,7 +94,17 @@ class ClientSettings:
 
 # One AsyncOpenAI client per (event loop, settings): a triggerer runs every trigger in one loop, and building a
 # client costs ~20 ms of loop time and ~850 KB, so a thousand waiting batches share one client.
-_ASYNC_CLIENTS: dict[tuple, tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI]] = {}
+@dataclass
+class _SharedAsyncClient:
+    """One async client, the loop it is bound to, and how many waits hold it."""
+
+    key: tuple
+    loop: asyncio.AbstractEventLoop
+    client: openai.AsyncOpenAI
+    users: int = 0
+
+
+_ASYNC_CLIENTS: dict[tuple, _SharedAsyncClient] = {}
 # Connection lookups of async hooks, reused for SETTINGS_TTL seconds: a triggerer resuming a thousand waits
 # looks the connection up once, and a rotated key is picked up within the TTL.
 _ASYNC_SETTINGS: dict[tuple, tuple[float, ClientSettings]] = {}
@@ -150,7 +163,10 @@ def api_error(exc: Exception, *, call: str, resource_id: str | None, secret: str
     """Translate an openai/httpx failure into the provider exception that names the call and resource.
 
     Reads kluster's envelopes (``{"error": {"message", "errorCode"}}`` and ``{"message", "errorCode"}``), then
-    the raw text. Any occurrence of the API key is masked, whatever the server echoed.
+    the raw text. The API key is masked wherever the server echoed it, in any encoding (see
+    :mod:`~airflow_provider_kluster.masking`): in the message, the request id and the resource id. The result
+    holds only strings and numbers, never ``exc``: raise it outside the ``except`` block, so that it has no
+    ``__context__`` either.
     """
     target = f"{call} {resource_id}" if resource_id else call
     status_code: int | None = None
@@ -158,7 +174,7 @@ def api_error(exc: Exception, *, call: str, resource_id: str | None, secret: str
     if isinstance(exc, openai.APIStatusError):
         status_code = exc.status_code
         request_id = exc.request_id or exc.response.headers.get("x-kluster-request-id")
-        detail = _error_detail(exc.body, exc.response)
+        detail = _error_detail(exc.body, exc.response, secret)
     elif isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
         detail = f"could not reach kluster.ai ({type(exc).__name__}: {exc})"
     else:
@@ -184,17 +200,15 @@ def api_error(exc: Exception, *, call: str, resource_id: str | None, secret: str
     else:
         cls = KlusterAPIError
     message = redact("".join(parts), secret)
+    if request_id:
+        request_id = redact(request_id, secret)
+    if resource_id:
+        resource_id = redact(resource_id, secret)
     return cls(message, call=call, resource_id=resource_id, status_code=status_code, request_id=request_id)
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Mask every occurrence of ``secret`` in ``text``."""
-    if secret and len(secret) >= 4:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _error_detail(body: object, response: httpx2.Response | None) -> str:
+def _error_detail(body: object, response: httpx2.Response | None, secret: str | None = None) -> str:
+    # Mask before cutting to length: a cut through the key would leave a piece no pattern matches.
     if isinstance(body, dict):
         error = body.get("error")
         inner: dict[str, Any] = error if isinstance(error, dict) else body
@@ -203,12 +217,12 @@ def _error_detail(body: object, response: httpx2.Response | None) -> str:
             code = inner.get("errorCode", inner.get("code"))
             return f"{message} (code {code})" if code not in (None, "") else str(message)
     if isinstance(body, str) and body.strip():
-        return body.strip()[:500]
+        return redact(body.strip(), secret)[:500]
     if response is not None:
         with contextlib.suppress(Exception):
             text = response.text.strip()
             if text:
-                return text[:500]
+                return redact(text, secret)[:500]
     return "no error message in the response"
 
 
@@ -266,16 +280,28 @@ class KlusterHook(BaseHook):
             if cached is not None and cached[0] > time.monotonic():
                 self._async_settings = cached[1]
             else:
-                aget = getattr(BaseHook, "aget_connection", None)
-                if aget is not None:
-                    conn = await aget(self.kluster_conn_id)
-                else:  # pragma: no cover - Airflow without the async lookup
-                    conn = await asyncio.to_thread(self.get_connection, self.kluster_conn_id)
+                conn = await self._alookup_connection()
                 self._async_settings = settings_from_connection(
                     conn, timeout=self._timeout, max_retries=self._max_retries
                 )
                 _ASYNC_SETTINGS[key] = (time.monotonic() + SETTINGS_TTL, self._async_settings)
         return self._async_settings
+
+    async def _alookup_connection(self) -> Connection:
+        """Look the connection up without blocking the loop, from wherever Airflow keeps it.
+
+        The async lookup does not reach every source everywhere (under ``dag.test()`` it misses the metadata
+        database); then the sync lookup runs in a thread, so every source works for every wait.
+        """
+        aget = getattr(BaseHook, "aget_connection", None)
+        if aget is not None:
+            try:
+                return await aget(self.kluster_conn_id)
+            except Exception as exc:
+                self.log.debug(
+                    "Async lookup of %s failed (%s); looking it up in a thread", self.kluster_conn_id, exc
+                )
+        return await asyncio.to_thread(self.get_connection, self.kluster_conn_id)
 
     @cached_property
     def client(self) -> openai.OpenAI:
@@ -289,47 +315,134 @@ class KlusterHook(BaseHook):
             base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries
         )
 
-    async def get_async_conn(self) -> openai.AsyncOpenAI:
-        """Return an ``openai.AsyncOpenAI`` client, shared by every hook in this event loop with the same settings."""
+    @cached_property
+    def client_without_retries(self) -> openai.OpenAI:
+        """Return the synchronous client with the client's own retries off, for calls that create something."""
+        return self.client.with_options(max_retries=0)
+
+    def _create_without_duplicates(
+        self, create: Callable[[], _T], find_created: Callable[[], _T | None] | None, *, what: str
+    ) -> _T:
+        """Run a call that creates something, never blindly twice.
+
+        When its outcome is unknown (a transient error: the server may have created it and lost the answer),
+        first ask ``find_created`` whether it exists, and reuse it; only then try again (up to the connection's
+        ``max_retries`` times). Without ``find_created`` an unknown outcome is not retried at all.
+        """
+        attempts = self.settings.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return create()
+            except KlusterAPIError as exc:
+                if not exc.is_transient:
+                    raise
+                if find_created is None:
+                    exc.message += (
+                        f" Not retried: kluster.ai may have created the {what} before the answer was lost; "
+                        "check before trying again."
+                    )
+                    exc.args = (exc.message,)
+                    raise
+                found = find_created()
+                if found is not None:
+                    self.log.warning(
+                        "The answer to creating a %s was lost (%s), but kluster.ai had created it: reusing it",
+                        what,
+                        exc.message,
+                    )
+                    return found
+                if attempt == attempts:
+                    raise
+                delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+                self.log.warning(
+                    "Creating a %s failed (%s) and nothing was created; trying again in %.1fs (%d of %d)",
+                    what,
+                    exc.message,
+                    delay,
+                    attempt + 1,
+                    attempts,
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _shared_client(self) -> _SharedAsyncClient:
         s = await self.aget_settings()
         loop = asyncio.get_running_loop()
         key = (id(loop), *s.cache_key)
-        cached = _ASYNC_CLIENTS.get(key)
-        if cached is not None and cached[0] is loop and not loop.is_closed():
-            return cached[1]
-        # Drop clients of loops that are gone (tests, dag.test runs) so the cache does not grow.
-        for stale in [k for k, (lp, _) in _ASYNC_CLIENTS.items() if lp.is_closed()]:
+        shared = _ASYNC_CLIENTS.get(key)
+        if shared is not None and shared.loop is loop and not shared.client.is_closed():
+            return shared
+        # Drop clients of loops that are gone so the cache does not grow.
+        for stale in [k for k, v in _ASYNC_CLIENTS.items() if v.loop.is_closed()]:
             del _ASYNC_CLIENTS[stale]
         client = openai.AsyncOpenAI(
             base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries
         )
-        _ASYNC_CLIENTS[key] = (loop, client)
-        return client
+        shared = _ASYNC_CLIENTS[key] = _SharedAsyncClient(key=key, loop=loop, client=client)
+        return shared
+
+    async def get_async_conn(self) -> openai.AsyncOpenAI:
+        """Return an ``openai.AsyncOpenAI`` client, shared by every hook in this event loop with the same settings.
+
+        It stays open until the last :meth:`async_client_lease` of it ends; prefer a lease.
+        """
+        return (await self._shared_client()).client
+
+    @contextlib.asynccontextmanager
+    async def async_client_lease(self) -> AsyncIterator[openai.AsyncOpenAI]:
+        """Hold the shared async client for a while (a whole wait); the last holder to let go closes it.
+
+        A triggerer's thousand waits share one client; a wait that runs in an event loop of its own (tests,
+        ``dag.test()``) closes its client before its loop ends, so none is left bound to a closed loop.
+        """
+        shared = await self._shared_client()
+        shared.users += 1
+        try:
+            yield shared.client
+        finally:
+            shared.users -= 1
+            if shared.users <= 0:
+                if _ASYNC_CLIENTS.get(shared.key) is shared:
+                    del _ASYNC_CLIENTS[shared.key]
+                await shared.client.close()
 
     def _error(self, exc: Exception, call: str, resource_id: str | None = None) -> KlusterAPIError:
         secret = self.__dict__.get("settings") or self._async_settings
         return api_error(exc, call=call, resource_id=resource_id, secret=secret.api_key if secret else None)
 
-    def _json(self, method: str, path: str, *, call: str, resource_id: str | None = None, **kw: Any) -> Any:
+    def _json(
+        self,
+        method: str,
+        path: str,
+        *,
+        call: str,
+        resource_id: str | None = None,
+        client: openai.OpenAI | None = None,
+        **kw: Any,
+    ) -> Any:
         try:
-            data = getattr(self.client, method)(path, cast_to=object, **kw)
+            data = getattr(client or self.client, method)(path, cast_to=object, **kw)
         except (openai.OpenAIError, httpx2.TransportError) as exc:
-            raise self._error(exc, call, resource_id) from None
+            error = self._error(exc, call, resource_id)
         except ValueError as exc:  # a body that is not JSON
-            raise _malformed(exc, call, resource_id) from None
-        return _expect_object(data, call, resource_id)
+            error = _malformed(exc, call, resource_id)
+        else:
+            return _expect_object(data, call, resource_id)
+        raise error  # outside the except block: no __context__ (the client's error, its body)
 
     async def _ajson(
         self, method: str, path: str, *, call: str, resource_id: str | None = None, **kw: Any
     ) -> Any:
-        client = await self.get_async_conn()
-        try:
-            data = await getattr(client, method)(path, cast_to=object, **kw)
-        except (openai.OpenAIError, httpx2.TransportError) as exc:
-            raise self._error(exc, call, resource_id) from None
-        except ValueError as exc:  # a body that is not JSON
-            raise _malformed(exc, call, resource_id) from None
-        return _expect_object(data, call, resource_id)
+        async with self.async_client_lease() as client:
+            try:
+                data = await getattr(client, method)(path, cast_to=object, **kw)
+            except (openai.OpenAIError, httpx2.TransportError) as exc:
+                error = self._error(exc, call, resource_id)
+            except ValueError as exc:  # a body that is not JSON
+                error = _malformed(exc, call, resource_id)
+            else:
+                return _expect_object(data, call, resource_id)
+        raise error  # outside the except block: no __context__ (the client's error, its body)
 
     # -- connection test and models --------------------------------------------------------------------
 
@@ -353,24 +466,45 @@ class KlusterHook(BaseHook):
 
     # -- files -----------------------------------------------------------------------------------------
 
-    def upload_file(self, path: PathLike, purpose: str = "batch", *, filename: str | None = None) -> str:
+    def upload_file(
+        self,
+        path: PathLike,
+        purpose: str = "batch",
+        *,
+        filename: str | None = None,
+        find_created: Callable[[], str | None] | None = None,
+    ) -> str:
         """Upload a local file or ObjectStoragePath, streamed from a file handle; return the file id.
 
-        A retried request re-reads the file from its start (the handle is rewound), so a dropped connection
+        An upload whose answer is lost (transient error) is never blindly sent again: ``find_created`` (given
+        by the operators, which name uploads after task and input) says whether kluster.ai stored it anyway;
+        without it the error is raised. Each attempt re-reads the file from its start, so a dropped connection
         never uploads a truncated file.
         """
         source = as_path(path)
         name = filename or source.name
+        file_id = self._create_without_duplicates(
+            lambda: self._upload_once(source, name, purpose), find_created, what="file upload"
+        )
+        return file_id
+
+    def _upload_once(self, source: Any, name: str, purpose: str) -> str:
+        error: KlusterAPIError | KlusterConfigError | None = None
         try:
             with source.open("rb") as handle:
-                response = self.client.files.with_raw_response.create(file=(name, handle), purpose=purpose)  # type: ignore[arg-type]
+                response = self.client_without_retries.files.with_raw_response.create(
+                    file=(name, handle),
+                    purpose=purpose,  # type: ignore[arg-type]
+                )
                 data = response.http_response.json()
         except (openai.OpenAIError, httpx2.TransportError) as exc:
-            raise self._error(exc, "upload file", str(source)) from None
+            error = self._error(exc, "upload file", str(source))
         except FileNotFoundError:
-            raise KlusterConfigError(f"Cannot upload {source}: no such file.") from None
+            error = KlusterConfigError(f"Cannot upload {source}: no such file.")
         except ValueError as exc:
-            raise _malformed(exc, "upload file", str(source)) from None
+            error = _malformed(exc, "upload file", str(source))
+        if error is not None:
+            raise error  # outside the except block: no __context__ (the client's error, its body)
         data = _expect_object(data, "upload file", str(source))
         if not data.get("id"):
             raise KlusterAPIError(
@@ -403,6 +537,7 @@ class KlusterHook(BaseHook):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(dest)
         written = 0
+        error: KlusterAPIError | None = None
         try:
             for attempt in range(1, attempts + 1):
                 try:
@@ -410,7 +545,8 @@ class KlusterHook(BaseHook):
                     break
                 except (openai.APIConnectionError, httpx2.TransportError) as exc:
                     if attempt == attempts:
-                        raise self._error(exc, "download file", file_id) from None
+                        error = self._error(exc, "download file", file_id)
+                        break
                     written = tmp.stat().st_size if tmp.exists() else 0  # what reached the disk: resume there
                     self.log.warning(
                         "Download of file %s broke after %d bytes (%s); resuming (attempt %d of %d)",
@@ -421,7 +557,10 @@ class KlusterHook(BaseHook):
                         attempts,
                     )
                 except openai.OpenAIError as exc:
-                    raise self._error(exc, "download file", file_id) from None
+                    error = self._error(exc, "download file", file_id)
+                    break
+            if error is not None:
+                raise error  # outside the except block: no __context__ (the client's error, its body)
             move_into_place(tmp, dest)
         finally:
             with contextlib.suppress(FileNotFoundError, OSError):
@@ -447,7 +586,10 @@ class KlusterHook(BaseHook):
             with self.client.files.with_streaming_response.content(file_id) as response:
                 yield from response.iter_lines()  # type: ignore[misc]
         except (openai.OpenAIError, httpx2.TransportError) as exc:
-            raise self._error(exc, "read file", file_id) from None
+            error = self._error(exc, "read file", file_id)
+        else:
+            return
+        raise error  # outside the except block: no __context__ (the client's error, its body)
 
     # -- batches ---------------------------------------------------------------------------------------
 
@@ -459,15 +601,21 @@ class KlusterHook(BaseHook):
         metadata: dict[str, Any] | None = None,
         kluster_options: dict[str, bool] | None = None,
         endpoint: str = BATCH_ENDPOINT,
+        find_created: Callable[[], KlusterBatch | None] | None = None,
     ) -> KlusterBatch:
-        """Create a batch over an uploaded request file.
+        """Create a batch over an uploaded request file — never two when an answer is lost.
+
+        A create whose outcome is unknown (transient error, dropped connection, timeout) is not blindly sent
+        again: ``find_created`` (the submit operator's: the batch with this try's identity and fingerprint)
+        says whether kluster.ai created it anyway, and it is reused; without it the error is raised.
 
         :param input_file_id: The uploaded JSONL file of requests.
-        :param completion_window: ``24h``, ``48h`` or ``72h``.
+        :param completion_window: ``24h``, ``48h``, ``72h`` or ``asap``.
         :param metadata: Your own string metadata, kept on the batch.
         :param kluster_options: kluster-only switches (``greedy``, ``strict_completion_window``,
             ``remove_input_after_processing``), sent as ``metadata["@kluster.ai"]``.
         :param endpoint: Only ``/v1/chat/completions`` is accepted by kluster.ai.
+        :param find_created: Return the batch this call may have created, or ``None``.
         """
         body = {
             "input_file_id": input_file_id,
@@ -475,14 +623,23 @@ class KlusterHook(BaseHook):
             "completion_window": completion_window,
             "metadata": build_metadata(metadata, kluster_options),
         }
-        data = self._json(
-            "post", "/batches", call="create batch on file", resource_id=input_file_id, body=body
-        )
-        batch = KlusterBatch.from_api(data)
-        self.log.info(
-            "Created kluster.ai batch %s on file %s (%s)", batch.id, input_file_id, batch.status_text
-        )
-        return batch
+
+        def create() -> KlusterBatch:
+            data = self._json(
+                "post",
+                "/batches",
+                call="create batch on file",
+                resource_id=input_file_id,
+                body=body,
+                client=self.client_without_retries,
+            )
+            batch = KlusterBatch.from_api(data)
+            self.log.info(
+                "Created kluster.ai batch %s on file %s (%s)", batch.id, input_file_id, batch.status_text
+            )
+            return batch
+
+        return self._create_without_duplicates(create, find_created, what="batch")
 
     def get_batch(self, batch_id: str) -> KlusterBatch:
         """Return a batch, normalized."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import tempfile
 import time
 from collections.abc import Sequence
@@ -14,7 +15,6 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_kluster.batches import (
     BATCH_ENDPOINT,
-    COMPLETION_WINDOWS,
     BatchStatus,
     KlusterBatch,
     build_metadata,
@@ -33,17 +33,22 @@ from airflow_provider_kluster.exceptions import (
 )
 from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
+from airflow_provider_kluster.parameters import PROVIDER_METADATA_KEYS, check_arguments, check_positive_number
 from airflow_provider_kluster.paths import as_path
 from airflow_provider_kluster.reattach import (
     DEFAULT_SCAN_LIMIT,
     FINGERPRINT_KEY,
     IDENTITY_KEY,
-    ON_CHANGED_INPUT,
+    STATE_BATCH_KEY,
+    STATE_UPLOAD_KEY,
     Previous,
+    TaskState,
+    classify,
     find_previous,
     find_uploads,
     identity_from_context,
     input_fingerprint,
+    run_start,
     upload_name,
 )
 from airflow_provider_kluster.request_files import (
@@ -76,10 +81,9 @@ def _default_deferrable() -> bool:
     return conf.getboolean("operators", "default_deferrable", fallback=False)
 
 
-def _seconds(value: timedelta | float | None) -> float | None:
-    if value is None:
-        return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+def _seconds(value: Any) -> Any:
+    """Return a timedelta as seconds; anything else as given, for ``execute`` to check (never fail at parse)."""
+    return value.total_seconds() if isinstance(value, timedelta) else value
 
 
 class _RequestInputMixin:
@@ -110,12 +114,8 @@ class _RequestInputMixin:
 
     def prepare_input(self, workdir: str) -> tuple[Any, RequestFileSummary]:
         """Build (from ``requests``) or take the request file and validate it; nothing is uploaded if invalid."""
+        check_arguments(requests=self.requests, input_file=self.input_file)
         if self.requests is not None:
-            if not isinstance(self.requests, (list, tuple)):
-                raise KlusterConfigError(
-                    "requests must be a list (of batch lines, chat bodies or prompts), "
-                    f"got {type(self.requests).__name__}."
-                )
             path = as_path(f"{workdir}/requests.jsonl")
             write_request_file(self.requests, path, model=self.model, body_defaults=self._body_defaults())
         else:
@@ -133,6 +133,7 @@ class _RequestInputMixin:
 
     def upload_once(
         self,
+        context: Context,
         path: Any,
         identity: str,
         fingerprint: str,
@@ -142,22 +143,61 @@ class _RequestInputMixin:
     ) -> str:
         """Upload the file under a name derived from task and input, unless an earlier try already did.
 
-        With ``delete_stale``, uploads an earlier try left for another input of this task, and that no batch in
-        ``keep`` uses, are deleted (the submit operator's own uploads: nothing else refers to them).
+        Where an earlier try recorded its upload in the task state store (Airflow 3.3+), that one call decides;
+        otherwise (older Airflow, or a crash before the record) the newest files are scanned by name, back to
+        the DAG run's start. With ``delete_stale``, uploads an earlier try left for another input of this task,
+        and that no batch in ``keep`` uses, are deleted (the submit operator's own: nothing else refers to them).
+        An upload whose answer is lost is looked for by its name before it is sent again.
         """
-        uploads = find_uploads(self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit)
-        for orphan in uploads.others if delete_stale else ():
-            if orphan not in keep:
-                self.log.info(
-                    "Deleting file %s, left by an earlier try of this task for another input", orphan
-                )
-                self.hook.delete_file(orphan)
-        if uploads.match:
-            self.log.warning(
-                "Reusing file %s, uploaded by an earlier try of this task with the same input", uploads.match
+        state = TaskState.of(context)
+        since = run_start(context)
+        recorded = self._recorded_upload(state, fingerprint)
+        if recorded is not None:
+            return recorded
+        if state.needs_scan:
+            uploads = find_uploads(
+                self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit, since=since
             )
-            return uploads.match
-        return self.hook.upload_file(path, filename=upload_name(identity, fingerprint))
+            for orphan in uploads.others if delete_stale else ():
+                if orphan not in keep:
+                    self.log.info(
+                        "Deleting file %s, left by an earlier try of this task for another input", orphan
+                    )
+                    self.hook.delete_file(orphan)
+            if uploads.match:
+                self.log.warning(
+                    "Reusing file %s, uploaded by an earlier try of this task with the same input",
+                    uploads.match,
+                )
+                state.record(STATE_UPLOAD_KEY, {"file_id": uploads.match, "fingerprint": fingerprint})
+                return uploads.match
+
+        def find_created() -> str | None:
+            return find_uploads(
+                self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit, since=since
+            ).match
+
+        file_id = self.hook.upload_file(
+            path, filename=upload_name(identity, fingerprint), find_created=find_created
+        )
+        state.record(STATE_UPLOAD_KEY, {"file_id": file_id, "fingerprint": fingerprint})
+        return file_id
+
+    def _recorded_upload(self, state: TaskState, fingerprint: str) -> str | None:
+        """Return the upload an earlier try recorded for this input, if kluster still has it."""
+        recorded = state.get(STATE_UPLOAD_KEY)
+        if not recorded or recorded.get("fingerprint") != fingerprint or not recorded.get("file_id"):
+            return None
+        file_id = str(recorded["file_id"])
+        try:
+            self.hook.get_file(file_id)
+        except KlusterNotFoundError:
+            self.log.info("File %s, recorded by an earlier try, is gone; uploading again", file_id)
+            return None
+        self.log.warning(
+            "Reusing file %s, recorded by an earlier try of this task for the same input", file_id
+        )
+        return file_id
 
 
 def _check_single_input(**sources: Any) -> None:
@@ -216,6 +256,17 @@ class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
 
     def execute(self, context: Context) -> str:
         _check_single_input(input_file=self.input_file, requests=self.requests)
+        check_arguments(
+            input_file=self.input_file,
+            requests=self.requests,
+            model=self.model,
+            max_completion_tokens=self.max_completion_tokens,
+            body_defaults=self.body_defaults,
+            check_models=self.check_models,
+            max_requests=self.max_requests,
+            reattach=self.reattach,
+            reattach_scan_limit=self.reattach_scan_limit,
+        )
         with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
             path, summary = self.prepare_input(workdir)
             if not self.reattach:
@@ -227,7 +278,9 @@ class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
                 kluster_options=None,
             )
             # Its file may feed batches of other tasks: stale uploads are left alone.
-            return self.upload_once(path, identity_from_context(context), fingerprint, delete_stale=False)
+            return self.upload_once(
+                context, path, identity_from_context(context), fingerprint, delete_stale=False
+            )
 
 
 class _BatchWaitMixin:
@@ -317,7 +370,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
     :param model: Model for requests that name none.
     :param max_completion_tokens: Default ``max_completion_tokens`` for requests that set none.
     :param body_defaults: Other default body parameters; never override a request's own.
-    :param completion_window: ``24h``, ``48h`` or ``72h``.
+    :param completion_window: ``24h``, ``48h``, ``72h`` or ``asap`` (as soon as possible).
     :param metadata: Your metadata, kept on the batch.
     :param kluster_options: ``greedy``, ``strict_completion_window``, ``remove_input_after_processing``.
     :param check_models: Check every model against ``list_models()`` before uploading.
@@ -406,27 +459,42 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         identity = identity_from_context(context)
         with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
             path, fingerprint = self.prepare_submission(workdir)
-            batch = self.find_or_create_batch(path, identity, fingerprint, metadata)
+            batch = self.find_or_create_batch(context, path, identity, fingerprint, metadata)
         self.publish(context, batch)
         if not self.wait_for_completion:
             return batch.id
         return self.wait_for_batch(context, batch.id, self.deadline_of(batch))
 
     def check_parameters(self) -> dict[str, Any]:
-        """Refuse bad parameters before any call; return the batch metadata (kluster options checked)."""
+        """Refuse bad parameters before any call, each in one sentence; return the batch metadata.
+
+        Runs in ``execute``, after templates are rendered. The metadata is checked with the provider's own keys
+        (task identity, input fingerprint) and ``@kluster.ai`` counted against kluster's limits.
+        """
         _check_single_input(
             input_file=self.input_file, input_file_id=self.input_file_id, requests=self.requests
         )
-        if self.completion_window not in COMPLETION_WINDOWS:
-            raise KlusterConfigError(
-                f"completion_window {self.completion_window!r} is not one kluster.ai accepts: "
-                f"use one of {', '.join(COMPLETION_WINDOWS)}."
-            )
-        if self.on_changed_input not in ON_CHANGED_INPUT:
-            raise KlusterConfigError(
-                f"on_changed_input {self.on_changed_input!r} is not one of {', '.join(ON_CHANGED_INPUT)}."
-            )
-        return build_metadata(self.metadata, self.kluster_options)
+        check_arguments(
+            input_file=self.input_file,
+            input_file_id=self.input_file_id,
+            requests=self.requests,
+            model=self.model,
+            max_completion_tokens=self.max_completion_tokens,
+            body_defaults=self.body_defaults,
+            completion_window=self.completion_window,
+            check_models=self.check_models,
+            max_requests=self.max_requests,
+            wait_for_completion=self.wait_for_completion,
+            deferrable=self.deferrable,
+            poll_interval=self.poll_interval,
+            timeout=self.timeout_seconds,
+            cancel_on_kill=self.cancel_on_kill,
+            max_consecutive_errors=self.max_consecutive_errors,
+            reattach=self.reattach,
+            on_changed_input=self.on_changed_input,
+            reattach_scan_limit=self.reattach_scan_limit,
+        )
+        return build_metadata(self.metadata, self.kluster_options, reserved_keys=PROVIDER_METADATA_KEYS)
 
     def prepare_submission(self, workdir: str) -> tuple[Any, str]:
         """Build or take the request file and validate it (unless given a file id); return it and its fingerprint."""
@@ -441,25 +509,47 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         return path, fingerprint
 
     def find_or_create_batch(
-        self, path: Any, identity: str, fingerprint: str, metadata: dict[str, Any]
+        self, context: Context, path: Any, identity: str, fingerprint: str, metadata: dict[str, Any]
     ) -> KlusterBatch:
-        """Reattach to the batch an earlier try made from the same input, or upload (once) and create one."""
-        previous = self._earlier_tries(identity, fingerprint) if self.reattach else Previous()
+        """Reattach to the batch an earlier try made from the same input, or upload (once) and create one.
+
+        A create whose answer is lost is looked for (this try's identity and fingerprint) before it is sent
+        again; the new batch is recorded in the task state store (Airflow 3.3+) the moment it exists.
+        """
+        state = TaskState.of(context)
+        since = run_start(context)
+        previous = self._earlier_tries(state, identity, fingerprint, since) if self.reattach else Previous()
         if previous.reusable is not None:
             return previous.reusable
         if self.input_file_id:
             file_id = self.input_file_id
         elif self.reattach:
             file_id = self.upload_once(
-                path, identity, fingerprint, delete_stale=True, keep=frozenset(previous.input_file_ids)
+                context,
+                path,
+                identity,
+                fingerprint,
+                delete_stale=True,
+                keep=frozenset(previous.input_file_ids),
             )
         else:
             file_id = self.hook.upload_file(path)
-        return self.hook.create_batch(
+        known = {b.id for b in (*previous.changed, *previous.replaced)}
+
+        def find_created() -> KlusterBatch | None:
+            found = find_previous(
+                self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit, since=since
+            ).reusable
+            return found if found is not None and found.id not in known else None
+
+        batch = self.hook.create_batch(
             file_id,
             completion_window=self.completion_window,
             metadata={**metadata, IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint},
+            find_created=find_created if self.reattach else None,
         )
+        state.record(STATE_BATCH_KEY, {"batch_id": batch.id, "fingerprint": fingerprint})
+        return batch
 
     def publish(self, context: Context, batch: KlusterBatch) -> None:
         """Push the batch id and its page to XCom and the extra link, before any wait, so the UI shows it."""
@@ -480,8 +570,21 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         created = batch.created_at.timestamp() if batch.created_at else time.time()
         return created + self.timeout_seconds
 
-    def _earlier_tries(self, identity: str, fingerprint: str) -> Previous:
-        previous = find_previous(self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit)
+    def _earlier_tries(
+        self, state: TaskState, identity: str, fingerprint: str, since: dt.datetime | None
+    ) -> Previous:
+        """Find what earlier tries created: the recorded batch first (one call), else a scan back to ``since``."""
+        previous = Previous()
+        recorded = state.get(STATE_BATCH_KEY)
+        if recorded and recorded.get("batch_id"):
+            try:
+                classify(previous, self.hook.get_batch(str(recorded["batch_id"])), identity, fingerprint)
+            except KlusterNotFoundError:
+                self.log.info("Batch %s, recorded by an earlier try, is gone", recorded["batch_id"])
+        if previous.reusable is None and state.needs_scan:
+            previous = find_previous(
+                self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit, since=since
+            )
         for old in previous.replaced:
             self.log.info("An earlier try's batch %s ended %s; submitting a new one", old.id, old.status_text)
         for old in previous.changed:
@@ -552,8 +655,13 @@ class KlusterGetBatchResultsOperator(BaseOperator):
         return KlusterHook(self.kluster_conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if not self.batch_id:
-            raise KlusterConfigError("batch_id is empty: pass the id of a submitted batch.")
+        check_arguments(
+            batch_id=self.batch_id,
+            destination=self.destination,
+            max_failed_ratio=self.max_failed_ratio,
+            return_records=self.return_records,
+            allow_unfinished=self.allow_unfinished,
+        )
         batch = self.hook.get_batch(self.batch_id)
         url = batch_url(self.hook.settings.platform_url, batch.id)
         KlusterBatchLink.persist(context, url)
@@ -683,6 +791,12 @@ class KlusterCancelBatchOperator(BaseOperator):
         self.kluster_conn_id = kluster_conn_id
 
     def execute(self, context: Context) -> str:
+        check_arguments(
+            batch_id=self.batch_id,
+            wait_for_cancellation=self.wait_for_cancellation,
+            poll_interval=self.poll_interval,
+        )
+        check_positive_number("timeout", self.timeout_seconds, unit="seconds")
         hook = KlusterHook(self.kluster_conn_id)
         batch = hook.get_batch(self.batch_id)
         if batch.is_terminal:

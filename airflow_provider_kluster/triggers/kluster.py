@@ -93,7 +93,11 @@ class KlusterBatchTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until the batch is terminal, the deadline passes, or polling fails for good; yield one event."""
         hook = self._hook()
-        policy = self.policy()
+        async with hook.async_client_lease():  # one client for the whole wait, let go before the event
+            event = await self._wait(hook, self.policy())
+        yield TriggerEvent(event)
+
+    async def _wait(self, hook: KlusterHook, policy: WaitPolicy) -> dict[str, Any]:
         await asyncio.sleep(
             policy.clamp(random.uniform(0, min(self.poll_interval, FIRST_POLL_SPREAD)), time.time())
         )
@@ -106,8 +110,7 @@ class KlusterBatchTrigger(BaseTrigger):
             decision = policy.decide(result, time.time())
             decision.log_to(self.log)
             if decision.event is not None:
-                yield TriggerEvent(decision.event)
-                return
+                return decision.event
             await asyncio.sleep(decision.delay)
 
     async def on_kill(self) -> None:
