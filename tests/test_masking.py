@@ -222,6 +222,7 @@ ANSWERS = {
     "bad-request-envelope": (400, "envelope"),
     "server-error-text": (500, "text"),
     "not-json": (200, "not-json"),
+    "not-an-object": (200, "list"),
 }
 CLASSES: dict[str, type[KlusterAPIError]] = {
     "auth-text": KlusterAuthError,
@@ -230,6 +231,7 @@ CLASSES: dict[str, type[KlusterAPIError]] = {
     "bad-request-envelope": KlusterBadRequestError,
     "server-error-text": KlusterTransientAPIError,
     "not-json": KlusterTransientAPIError,
+    "not-an-object": KlusterTransientAPIError,
 }
 
 
@@ -265,6 +267,8 @@ class EchoServer:
                         json.dumps({"message": text, "errorCode": echoed}),
                         "application/json",
                     )
+                elif form == "list":  # a 200 with JSON that is not an object: quoted in the error
+                    body, content_type = json.dumps([text, echoed]), "application/json"
                 else:  # "not-json": a 200 whose body the client cannot parse, holding the key
                     body, content_type = f'{{"id": "{echoed}", "status": ', "application/json"
                 data = body.encode()

@@ -406,9 +406,12 @@ class KlusterHook(BaseHook):
                     del _ASYNC_CLIENTS[shared.key]
                 await shared.client.close()
 
+    def _secret(self) -> str | None:
+        settings = self.__dict__.get("settings") or self._async_settings
+        return settings.api_key if settings else None
+
     def _error(self, exc: Exception, call: str, resource_id: str | None = None) -> KlusterAPIError:
-        secret = self.__dict__.get("settings") or self._async_settings
-        return api_error(exc, call=call, resource_id=resource_id, secret=secret.api_key if secret else None)
+        return api_error(exc, call=call, resource_id=resource_id, secret=self._secret())
 
     def _json(
         self,
@@ -508,7 +511,8 @@ class KlusterHook(BaseHook):
         data = _expect_object(data, "upload file", str(source))
         if not data.get("id"):
             raise KlusterAPIError(
-                f"kluster.ai upload of {source} returned no file id: {str(data)[:300]}",
+                f"kluster.ai upload of {source} returned no file id (fields: "
+                f"{redact(', '.join(sorted(map(str, data)))[:300], self._secret())}).",
                 call="upload file",
                 resource_id=str(source),
             )
@@ -730,7 +734,8 @@ def _expect_object(data: object, call: str, resource_id: str | None) -> Any:
     if not isinstance(data, dict):
         target = f"{call} {resource_id}" if resource_id else call
         raise KlusterTransientAPIError(
-            f"kluster.ai {target} returned something that is not a JSON object: {str(data)[:200]!r}",
+            # Say what came back, not what it held: the body may echo the key in any quoting.
+            f"kluster.ai {target} returned a JSON {type(data).__name__}, not an object; try again later.",
             call=call,
             resource_id=resource_id,
         )
