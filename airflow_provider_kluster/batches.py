@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -266,22 +265,3 @@ class KlusterBatch:
             "metadata": self.metadata,
             **{name: (ts.isoformat() if ts else None) for name, ts in self.timestamps.items()},
         }
-
-
-def build_metadata(
-    metadata: dict[str, Any] | None,
-    kluster_options: dict[str, bool] | None,
-    *,
-    reserved_keys: Collection[str] = (),
-) -> dict[str, Any]:
-    """Check user metadata and kluster's own options (sent under ``@kluster.ai``) and merge them into one object.
-
-    Checked as :func:`~airflow_provider_kluster.parameters.check_metadata` does: string values within kluster's
-    limits, boolean options, at most 16 keys in all — ``reserved_keys`` (added by the caller afterwards) included.
-
-    :raises KlusterConfigError: An option kluster.ai does not know, a non-boolean option, or metadata over its
-        limits (nothing is sent).
-    """
-    from airflow_provider_kluster.parameters import check_metadata  # it imports this module's constants
-
-    return check_metadata(metadata, kluster_options=kluster_options, reserved_keys=reserved_keys)

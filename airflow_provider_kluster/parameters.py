@@ -129,15 +129,6 @@ def check_choice(name: str, value: Any, choices: Collection[str]) -> None:
         raise _refuse(name, f"one of {', '.join(choices)}", value)
 
 
-def check_completion_window(value: Any) -> None:
-    """Refuse a completion window kluster.ai does not accept (``24h``, ``48h``, ``72h`` or ``asap``)."""
-    if not isinstance(value, str) or value not in COMPLETION_WINDOWS:
-        raise KlusterConfigError(
-            f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)} (the windows kluster.ai "
-            f"accepts); got {_got(value)}."
-        )
-
-
 def check_input_file(value: Any) -> None:
     """Refuse an empty path (it would name the working directory); ``None`` is fine (another input is used)."""
     if isinstance(value, str):
@@ -213,13 +204,13 @@ def _option_list() -> str:
     return ", ".join(sorted(KLUSTER_OPTIONS))
 
 
-def check_metadata(
+def build_metadata(
     metadata: Any,
-    *,
     kluster_options: Any = None,
+    *,
     reserved_keys: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Check batch metadata as it will be sent and return it merged with ``kluster_options``.
+    """Check batch metadata as it will be sent and return it merged with ``kluster_options`` (``@kluster.ai``).
 
     Keys are strings of at most :data:`METADATA_MAX_KEY_CHARS`, values strings of at most
     :data:`METADATA_MAX_VALUE_CHARS`; ``@kluster.ai`` (kluster's own options) holds an options dict. At most
@@ -297,7 +288,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "reattach_scan_limit": lambda n, v: check_int(n, v),
     "on_changed_input": lambda n, v: check_choice(n, v, ON_CHANGED_INPUT),
     # the batch
-    "completion_window": lambda _, v: check_completion_window(v),
+    "completion_window": lambda n, v: check_choice(n, v, COMPLETION_WINDOWS),
     "batch_id": lambda n, v: check_non_empty_string(n, v, what="the id of a submitted batch"),
     # waiting
     "poll_interval": lambda n, v: check_positive_number(n, v, unit="seconds"),

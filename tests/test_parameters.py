@@ -8,16 +8,16 @@ import pathlib
 
 import pytest
 
-from airflow_provider_kluster.batches import COMPLETION_WINDOWS, KLUSTER_METADATA_KEY, build_metadata
+from airflow_provider_kluster.batches import COMPLETION_WINDOWS, KLUSTER_METADATA_KEY
 from airflow_provider_kluster.exceptions import KlusterConfigError
 from airflow_provider_kluster.parameters import (
     METADATA_MAX_KEY_CHARS,
     METADATA_MAX_KEYS,
     METADATA_MAX_VALUE_CHARS,
     PROVIDER_METADATA_KEYS,
+    build_metadata,
     check_arguments,
     check_kluster_options,
-    check_metadata,
     check_positive_number,
 )
 from airflow_provider_kluster.reattach import FINGERPRINT_KEY, IDENTITY_KEY
@@ -213,7 +213,7 @@ LIMIT_WITH_PROVIDER_KEYS = METADATA_MAX_KEYS - len(PROVIDER_METADATA_KEYS)
     ],
 )
 def test_metadata_at_the_limits_is_accepted(metadata, options):
-    merged = check_metadata(metadata, kluster_options=options, reserved_keys=PROVIDER_METADATA_KEYS)
+    merged = build_metadata(metadata, options, reserved_keys=PROVIDER_METADATA_KEYS)
     assert len(merged) + len(PROVIDER_METADATA_KEYS) <= METADATA_MAX_KEYS
 
 
@@ -283,7 +283,7 @@ def test_metadata_at_the_limits_is_accepted(metadata, options):
 )
 def test_metadata_past_the_limits_is_refused(metadata, options, fragment):
     with pytest.raises(KlusterConfigError) as info:
-        check_metadata(metadata, kluster_options=options, reserved_keys=PROVIDER_METADATA_KEYS)
+        build_metadata(metadata, options, reserved_keys=PROVIDER_METADATA_KEYS)
     assert fragment in str(info.value)
 
 

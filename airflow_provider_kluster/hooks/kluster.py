@@ -23,7 +23,6 @@ from airflow_provider_kluster.batches import (
     COMPLETION_WINDOWS,
     KLUSTER_METADATA_KEY,
     KlusterBatch,
-    build_metadata,
 )
 from airflow_provider_kluster.connection import (
     CONN_TYPE,
@@ -45,6 +44,7 @@ from airflow_provider_kluster.exceptions import (
     is_transient_status,
 )
 from airflow_provider_kluster.masking import redact
+from airflow_provider_kluster.parameters import build_metadata
 from airflow_provider_kluster.paths import PathLike, as_path, move_into_place, temp_sibling
 
 if TYPE_CHECKING:

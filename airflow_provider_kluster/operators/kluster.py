@@ -17,7 +17,6 @@ from airflow_provider_kluster.batches import (
     BATCH_ENDPOINT,
     BatchStatus,
     KlusterBatch,
-    build_metadata,
 )
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
@@ -33,7 +32,12 @@ from airflow_provider_kluster.exceptions import (
 )
 from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
-from airflow_provider_kluster.parameters import PROVIDER_METADATA_KEYS, check_arguments, check_positive_number
+from airflow_provider_kluster.parameters import (
+    PROVIDER_METADATA_KEYS,
+    build_metadata,
+    check_arguments,
+    check_positive_number,
+)
 from airflow_provider_kluster.paths import as_path
 from airflow_provider_kluster.reattach import (
     DEFAULT_SCAN_LIMIT,
@@ -114,7 +118,6 @@ class _RequestInputMixin:
 
     def prepare_input(self, workdir: str) -> tuple[Any, RequestFileSummary]:
         """Build (from ``requests``) or take the request file and validate it; nothing is uploaded if invalid."""
-        check_arguments(requests=self.requests, input_file=self.input_file)
         if self.requests is not None:
             path = as_path(f"{workdir}/requests.jsonl")
             write_request_file(self.requests, path, model=self.model, body_defaults=self._body_defaults())
