@@ -232,27 +232,14 @@ def _non_finite(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_non_finite)
-_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]  # set in __init__
-_JSON_SPACE = " \t\n\r"
 # Builder output: compact UTF-8, and NaN/Infinity refused instead of written as invalid JSON.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _parse_line(text: str) -> Any:
     """Parse one line as strict JSON: duplicate keys raise :class:`_DuplicateKey`, ``NaN`` and ``Infinity``
-    :class:`_NonFiniteNumber`, anything else invalid ``json.JSONDecodeError``.
-
-    The scanner is called directly (``json.loads`` adds two Python frames and two regex matches per line);
-    on any failure the full decoder parses the line again, for its message with the right column.
-    """
-    value_text = text.strip(_JSON_SPACE)
-    try:
-        value, end = _SCAN(value_text, 0)
-    except (StopIteration, json.JSONDecodeError):
-        end = -1
-    if end != len(value_text):
-        return _DECODER.decode(text)
-    return value
+    :class:`_NonFiniteNumber`, anything else invalid ``json.JSONDecodeError``."""
+    return _DECODER.decode(text)
 
 
 # -- chat parameters ---------------------------------------------------------------------------------------
