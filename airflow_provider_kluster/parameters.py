@@ -123,6 +123,19 @@ def check_non_empty_string(
         raise _refuse(name, _or_none(allowed, none_means), value)
 
 
+def check_batch_id(name: str, value: Any) -> None:
+    """Refuse an empty batch id, saying the usual cause: an upstream submit task that returned none."""
+    if isinstance(value, str) and value.strip():
+        return
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
+        raise KlusterConfigError(
+            f"{name} is empty: the task it comes from returned no batch id. A submit task marked success (or "
+            "skipped) by hand before its batch finished returns none; pull the id it pushes before any wait "
+            "instead: \"{{ ti.xcom_pull(task_ids='<submit task>', key='batch_id') }}\"."
+        )
+    check_non_empty_string(name, value, what="the id of a submitted batch")
+
+
 def check_choice(name: str, value: Any, choices: Collection[str]) -> None:
     """Refuse a value that is not one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
@@ -289,7 +302,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "on_changed_input": lambda n, v: check_choice(n, v, ON_CHANGED_INPUT),
     # the batch
     "completion_window": lambda n, v: check_choice(n, v, COMPLETION_WINDOWS),
-    "batch_id": lambda n, v: check_non_empty_string(n, v, what="the id of a submitted batch"),
+    "batch_id": lambda n, v: check_batch_id(n, v),
     # waiting
     "poll_interval": lambda n, v: check_positive_number(n, v, unit="seconds"),
     "timeout": check_timeout,
@@ -306,6 +319,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
             "wait_for_cancellation",
             "deferrable",
             "cancel_on_kill",
+            "cancel_on_mark_success",
             "check_models",
             "reattach",
             "allow_unfinished",

@@ -56,6 +56,8 @@ class TaskState:
 
     store: Any = None
     try_number: int = 1
+    #: The task instance's ``max_tries``: Airflow raises it each time the task is cleared, and only then.
+    max_tries: int | None = None
 
     @classmethod
     def of(cls, context: Any) -> TaskState:
@@ -63,7 +65,24 @@ class TaskState:
         store = context.get("task_state_store") if hasattr(context, "get") else None
         ti = context.get("ti") if hasattr(context, "get") else None
         try_number = getattr(ti, "try_number", None)
-        return cls(store=store, try_number=try_number if isinstance(try_number, int) else 1)
+        max_tries = getattr(ti, "max_tries", None)
+        return cls(
+            store=store,
+            try_number=try_number if isinstance(try_number, int) else 1,
+            max_tries=max_tries if isinstance(max_tries, int) else None,
+        )
+
+    def tries(self) -> dict[str, int]:
+        """Return what to record beside a batch so a later try can tell a retry from a clear."""
+        found = {"try_number": self.try_number}
+        if self.max_tries is not None:
+            found["max_tries"] = self.max_tries
+        return found
+
+    def cleared_since(self, recorded: dict[str, Any]) -> bool:
+        """Tell whether the task was cleared after the try that wrote ``recorded`` (its ``max_tries`` rose)."""
+        then = recorded.get("max_tries")
+        return isinstance(then, int) and self.max_tries is not None and self.max_tries != then
 
     @property
     def needs_scan(self) -> bool:
@@ -148,6 +167,8 @@ class Previous:
     reusable: KlusterBatch | None = None
     changed: list[KlusterBatch] = field(default_factory=list)
     replaced: list[KlusterBatch] = field(default_factory=list)
+    #: Batches of a try that was cleared since: never reattached to (a clear asks for a new batch).
+    given_up: set[str] = field(default_factory=set)
 
     @property
     def input_file_ids(self) -> set[str]:
@@ -160,7 +181,11 @@ def classify(found: Previous, batch: KlusterBatch, identity: str, fingerprint: s
     """File one batch under ``found`` if this task created it (see :func:`find_previous`)."""
     if batch.metadata.get(IDENTITY_KEY) != identity:
         return
-    if batch.status in _REPLACEABLE:
+    if any(b.id == batch.id for b in (*found.changed, *found.replaced)) or (
+        found.reusable is not None and found.reusable.id == batch.id
+    ):
+        return
+    if batch.status in _REPLACEABLE or batch.id in found.given_up:
         found.replaced.append(batch)
     elif batch.metadata.get(FINGERPRINT_KEY) != fingerprint:
         found.changed.append(batch)
@@ -179,16 +204,17 @@ def find_previous(
     *,
     scan_limit: int,
     since: dt.datetime | None = None,
+    found: Previous | None = None,
 ) -> Previous:
-    """Scan the newest batches for ones this task created before.
+    """Scan the newest batches for ones this task created before (adding to ``found``, if given).
 
     The scan stops at the first batch created before ``since`` (the DAG run's start, less
     :data:`CLOCK_SKEW`): nothing older can belong to this run. Without ``since`` it looks at the newest
     ``scan_limit``. A running or completed batch (an unknown status counts as running) with the same fingerprint
     is ``reusable``; running or completed ones made from another input are ``changed``; failed, expired or
-    cancelled ones are ``replaced`` by a new batch.
+    cancelled ones, and those in ``found.given_up``, are ``replaced`` by a new batch.
     """
-    found = Previous()
+    found = Previous() if found is None else found
     for scanned, batch in enumerate(hook.iter_batches(), start=1):
         if _too_old(batch.created_at, since):
             break

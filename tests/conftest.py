@@ -68,3 +68,28 @@ def airflow_db():
     subprocess.run(
         [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=600
     )
+
+
+@pytest.fixture
+def airflow_says(monkeypatch):
+    """What Airflow answers when ``on_kill`` reads the task instance's state back.
+
+    In a real run the question goes through the supervisor (worker) or the triggerer's supervisor to the
+    execution API; neither is here, so ``RuntimeTaskInstance.get_task_states`` is replaced by this answer. Set
+    ``answer["state"]`` (``None`` means cleared) or ``answer["error"]``; ``answer["calls"]`` records each question.
+    """
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    answer: dict = {"state": "failed", "error": None, "calls": []}
+
+    def get_task_states(*, dag_id, map_index=None, task_ids=None, run_ids=None, **_):
+        answer["calls"].append(
+            {"dag_id": dag_id, "task_ids": task_ids, "run_ids": run_ids, "map_index": map_index}
+        )
+        if answer["error"] is not None:
+            raise answer["error"]
+        key = (lambda t: t) if map_index in (None, -1) else (lambda t: f"{t}_{map_index}")
+        return {run_id: {key(t): answer["state"] for t in task_ids or []} for run_id in run_ids or []}
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
+    return answer

@@ -30,6 +30,7 @@ PURE = [
     "links",
     "masking",
     "parameters",
+    "cancelling",
 ]
 BANNED = ("openai", "httpx2", "airflow_provider_kluster.hooks")
 

@@ -386,7 +386,7 @@ def test_bad_upload_parameters(kluster_conn, nothing_sent, kwargs, fragment):
 
 
 CANCEL_PARAMETERS = {
-    "batch-id-empty": ({"batch_id": ""}, "batch_id must be a non-empty string"),
+    "batch-id-empty": ({"batch_id": ""}, "batch_id is empty"),
     "poll-interval-zero": (
         {"batch_id": "b", "poll_interval": 0},
         "poll_interval must be a number of seconds",
@@ -413,7 +413,7 @@ def test_bad_cancel_parameters(kluster_conn, nothing_sent, kwargs, fragment):
 
 
 RESULTS_PARAMETERS = {
-    "batch-id-empty": ({"batch_id": ""}, "batch_id must be a non-empty string"),
+    "batch-id-empty": ({"batch_id": ""}, "batch_id is empty"),
     "destination-empty": ({"destination": ""}, "destination must be a directory"),
     "max-failed-ratio-over-one": (
         {"max_failed_ratio": 1.5},

@@ -113,7 +113,7 @@ REFUSED = [
     ("completion_window", "ASAP", "completion_window"),
     ("completion_window", "", "the empty string"),
     ("completion_window", None, "completion_window"),
-    ("batch_id", "", "batch_id must be a non-empty string"),
+    ("batch_id", "", "batch_id is empty"),
     ("batch_id", None, "batch_id"),
     ("poll_interval", 0, "poll_interval must be a number of seconds greater than 0"),
     ("poll_interval", -1, "got -1"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -17,6 +18,15 @@ from airflow_provider_kluster.batches import (
     BATCH_ENDPOINT,
     BatchStatus,
     KlusterBatch,
+)
+from airflow_provider_kluster.cancelling import (
+    DEFAULT_CANCEL_BUDGET,
+    UNKNOWN_STATE,
+    WORKER_CANCEL_BUDGET,
+    CancelAttempts,
+    cancel_done,
+    judge_kill,
+    not_cancelled_message,
 )
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
@@ -293,11 +303,13 @@ class _BatchWaitMixin:
     poll_interval: float
     timeout_seconds: float | None
     cancel_on_kill: bool
+    cancel_on_mark_success: bool
     max_consecutive_errors: int
     deferrable: bool
     log: Any
     hook: KlusterHook
     _batch_id: str | None
+    _ti_key: tuple[str, str, str, int] | None = None
 
     def make_trigger(self, batch_id: str, deadline: float | None) -> KlusterBatchTrigger:
         return KlusterBatchTrigger(
@@ -307,6 +319,7 @@ class _BatchWaitMixin:
             deadline=deadline,
             cancel_on_kill=self.cancel_on_kill,
             max_consecutive_errors=self.max_consecutive_errors,
+            cancel_on_mark_success=self.cancel_on_mark_success,
         )
 
     def wait_for_batch(self, context: Context, batch_id: str, deadline: float | None) -> str:
@@ -345,20 +358,104 @@ class _BatchWaitMixin:
         raise_for_event(checked)
         return checked["batch_id"]
 
-    def _cancel(self, batch_id: str, reason: str) -> None:
-        try:
-            batch = self.hook.cancel_batch(batch_id)
+    def _cancel(self, batch_id: str, reason: str, *, budget: float = DEFAULT_CANCEL_BUDGET) -> bool:
+        """Cancel the batch, retrying transient failures for up to ``budget`` seconds; log the outcome.
+
+        :return: whether kluster confirmed it (``cancelling``/``cancelled``) or the batch had already ended.
+        """
+        attempts = CancelAttempts(started=time.monotonic(), budget=budget)
+        self.log.warning("Cancelling batch %s because %s", batch_id, reason)
+        while True:
+            try:
+                batch = self.hook.cancel_batch(batch_id)
+            except KlusterNotFoundError:
+                self.log.warning("Batch %s no longer exists; nothing to cancel", batch_id)
+                return True
+            except KlusterAPIError as exc:
+                delay = attempts.after_failure(exc, time.monotonic())
+                if delay is None:
+                    ended = self._ended(batch_id)
+                    if ended is not None:
+                        self.log.info("Batch %s already ended %s; nothing to cancel", batch_id, ended)
+                        return True
+                    self.log.error("%s", not_cancelled_message(batch_id, reason, attempts, "worker"))
+                    return False
+                self.log.warning(
+                    "Cancel of batch %s failed (%s); trying again in %.1fs", batch_id, exc, delay
+                )
+                time.sleep(delay)
+                continue
             self.log.warning(
-                "Cancelled batch %s because %s; it is now %s", batch_id, reason, batch.status_text
+                "Batch %s is %s: kluster confirmed the cancel (%s)", batch_id, batch.status_text, reason
             )
-        except KlusterAPIError as exc:
-            self.log.error("Could not cancel batch %s (%s): %s", batch_id, reason, exc)
+            return True
+
+    def _ended(self, batch_id: str) -> str | None:
+        try:
+            batch = self.hook.get_batch(batch_id)
+        except KlusterAPIError:
+            return None
+        return batch.status_text if cancel_done(batch) else None
 
     def on_kill(self) -> None:
-        """Cancel the batch this task owns when the task is killed on the worker (clear, mark failed, timeout)."""
+        """Cancel the batch when a person stopped the task while it polled on the worker; otherwise leave it.
+
+        Airflow sends SIGTERM for a person's action (clear, mark failed) but also when it stops the worker or the
+        scheduler, or loses the task's heartbeats: the task instance's state, read back from Airflow, tells which
+        (:func:`~airflow_provider_kluster.cancelling.judge_kill`). A batch left running is reattached to by the
+        next try. The worker is killed 5 s after SIGTERM, so the cancel made here is short; an
+        ``execution_timeout`` (no SIGKILL follows) gets the full retry budget.
+        """
         batch_id = getattr(self, "_batch_id", None)
-        if batch_id and self.cancel_on_kill:
-            self._cancel(batch_id, "its task was killed")
+        if not batch_id:
+            return
+        if not self.cancel_on_kill:
+            self.log.info("Task stopped; batch %s left running (cancel_on_kill=False)", batch_id)
+            return
+        timed_out = type(sys.exc_info()[1]).__name__ == "AirflowTaskTimeout"
+        state = UNKNOWN_STATE if timed_out else self._task_state()
+        verdict = judge_kill(
+            state,
+            where="worker",
+            cancel_on_mark_success=getattr(self, "cancel_on_mark_success", False),
+            execution_timeout=timed_out,
+        )
+        if not verdict.cancel:
+            self.log.warning(
+                "Batch %s NOT cancelled: %s. The next try reattaches to it.", batch_id, verdict.reason
+            )
+            return
+        self._cancel(
+            batch_id, verdict.reason, budget=DEFAULT_CANCEL_BUDGET if timed_out else WORKER_CANCEL_BUDGET
+        )
+
+    def _task_state(self) -> str | None:
+        """Read this task instance's state back from Airflow (``UNKNOWN_STATE`` if it cannot be read)."""
+        key = getattr(self, "_ti_key", None)
+        if key is None:
+            return UNKNOWN_STATE
+        dag_id, task_id, run_id, map_index = key
+        try:
+            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+            states = RuntimeTaskInstance.get_task_states(
+                dag_id=dag_id, task_ids=[task_id], run_ids=[run_id], map_index=map_index
+            )
+        except Exception as exc:  # ambiguous: never cancel on it
+            self.log.warning("Could not read the state of task %s: %s", task_id, exc)
+            return UNKNOWN_STATE
+        name = task_id if map_index < 0 else f"{task_id}_{map_index}"
+        run_states = (states or {}).get(run_id) or {}
+        if name not in run_states:
+            return UNKNOWN_STATE
+        value = run_states[name]
+        return None if value is None else str(getattr(value, "value", value))
+
+    def remember_task(self, context: Context) -> None:
+        """Keep who this task instance is, for :meth:`on_kill` to read its state back."""
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", -1)
+        self._ti_key = (ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else int(map_index))
 
 
 class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperator):
@@ -383,7 +480,12 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
     :param poll_interval: Seconds between polls while waiting.
     :param timeout: Longest wait (seconds or timedelta) counted from submission; the batch is cancelled when it
         passes. ``None`` waits for kluster to end the batch (its completion window bounds it).
-    :param cancel_on_kill: Cancel the batch when the task is killed, cleared or marked failed.
+    :param cancel_on_kill: Cancel the batch when a person clears the waiting task or marks it failed (also when
+        its ``execution_timeout`` passes); never when Airflow itself stops it (a worker or scheduler restart, lost
+        heartbeats, a triggerer hand-over) — the next try reattaches instead. A try after a clear never reattaches
+        to the cleared try's batch: it cancels it and submits a new one.
+    :param cancel_on_mark_success: Also cancel the batch when the waiting task is marked success. Off by
+        default: the batch's work is kept, and its results can still be fetched.
     :param max_consecutive_errors: Transient poll failures tolerated in a row.
     :param reattach: Before creating, look for the batch an earlier try of this task (same dag, task, run and map
         index) created: a running or completed one from the same input is reattached instead of paying twice;
@@ -426,6 +528,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         poll_interval: float = 60.0,
         timeout: timedelta | float | None = None,
         cancel_on_kill: bool = True,
+        cancel_on_mark_success: bool = False,
         max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
         reattach: bool = True,
         on_changed_input: str = "resubmit",
@@ -453,12 +556,14 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         self.poll_interval = poll_interval
         self.timeout_seconds = _seconds(timeout)
         self.cancel_on_kill = cancel_on_kill
+        self.cancel_on_mark_success = cancel_on_mark_success
         self.max_consecutive_errors = max_consecutive_errors
         self.kluster_conn_id = kluster_conn_id
         self._batch_id: str | None = None
 
     def execute(self, context: Context) -> str:
         metadata = self.check_parameters()
+        self.remember_task(context)
         identity = identity_from_context(context)
         with tempfile.TemporaryDirectory(prefix="kluster-") as workdir:
             path, fingerprint = self.prepare_submission(workdir)
@@ -492,6 +597,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             poll_interval=self.poll_interval,
             timeout=self.timeout_seconds,
             cancel_on_kill=self.cancel_on_kill,
+            cancel_on_mark_success=self.cancel_on_mark_success,
             max_consecutive_errors=self.max_consecutive_errors,
             reattach=self.reattach,
             on_changed_input=self.on_changed_input,
@@ -523,6 +629,10 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         since = run_start(context)
         previous = self._earlier_tries(state, identity, fingerprint, since) if self.reattach else Previous()
         if previous.reusable is not None:
+            state.record(
+                STATE_BATCH_KEY,
+                {"batch_id": previous.reusable.id, "fingerprint": fingerprint, **state.tries()},
+            )
             return previous.reusable
         if self.input_file_id:
             file_id = self.input_file_id
@@ -551,7 +661,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             metadata={**metadata, IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint},
             find_created=find_created if self.reattach else None,
         )
-        state.record(STATE_BATCH_KEY, {"batch_id": batch.id, "fingerprint": fingerprint})
+        state.record(STATE_BATCH_KEY, {"batch_id": batch.id, "fingerprint": fingerprint, **state.tries()})
         return batch
 
     def publish(self, context: Context, batch: KlusterBatch) -> None:
@@ -580,15 +690,27 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         previous = Previous()
         recorded = state.get(STATE_BATCH_KEY)
         if recorded and recorded.get("batch_id"):
+            recorded_id = str(recorded["batch_id"])
             try:
-                classify(previous, self.hook.get_batch(str(recorded["batch_id"])), identity, fingerprint)
+                batch = self.hook.get_batch(recorded_id)
             except KlusterNotFoundError:
-                self.log.info("Batch %s, recorded by an earlier try, is gone", recorded["batch_id"])
+                self.log.info("Batch %s, recorded by an earlier try, is gone", recorded_id)
+            else:
+                if self.cancel_on_kill and state.cleared_since(recorded):
+                    self._give_up(previous, batch, recorded)
+                classify(previous, batch, identity, fingerprint)
         if previous.reusable is None and state.needs_scan:
             previous = find_previous(
-                self.hook, identity, fingerprint, scan_limit=self.reattach_scan_limit, since=since
+                self.hook,
+                identity,
+                fingerprint,
+                scan_limit=self.reattach_scan_limit,
+                since=since,
+                found=previous,
             )
         for old in previous.replaced:
+            if old.id in previous.given_up:
+                continue
             self.log.info("An earlier try's batch %s ended %s; submitting a new one", old.id, old.status_text)
         for old in previous.changed:
             if self.on_changed_input == "fail":
@@ -607,6 +729,23 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
                 previous.reusable.status_text,
             )
         return previous
+
+    def _give_up(self, previous: Previous, batch: KlusterBatch, recorded: dict[str, Any]) -> None:
+        """Never reattach to the batch of a try that was cleared since; cancel it if it still runs.
+
+        A clear asks for a new batch. The cleared try's own cancel may land late (a triggerer that is slow to
+        act on the clear), so this try cancels it too rather than wait on a batch about to be cancelled.
+        """
+        previous.given_up.add(batch.id)
+        tried = recorded.get("try_number", "an earlier try")
+        self.log.warning(
+            "Batch %s was submitted by try %s, and the task was cleared since: a clear asks for a new batch, "
+            "so it is not reattached to.",
+            batch.id,
+            tried,
+        )
+        if batch.is_running:
+            self._cancel(batch.id, f"its task was cleared after try {tried} submitted it")
 
 
 class KlusterGetBatchResultsOperator(BaseOperator):

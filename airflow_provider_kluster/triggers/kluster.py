@@ -10,8 +10,16 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_kluster.batches import BatchStatus, KlusterBatch
-from airflow_provider_kluster.exceptions import KlusterAPIError
+from airflow_provider_kluster.batches import KlusterBatch
+from airflow_provider_kluster.cancelling import (
+    DEFAULT_CANCEL_BUDGET,
+    UNKNOWN_STATE,
+    CancelAttempts,
+    cancel_done,
+    judge_kill,
+    not_cancelled_message,
+)
+from airflow_provider_kluster.exceptions import KlusterAPIError, KlusterNotFoundError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.waiting import DEFAULT_MAX_CONSECUTIVE_ERRORS, WaitPolicy
 
@@ -19,6 +27,12 @@ __all__ = ["DEFAULT_MAX_CONSECUTIVE_ERRORS", "FIRST_POLL_SPREAD", "KlusterBatchT
 #: The first poll waits a random share of this (capped by the poll interval), so that a triggerer restarting with
 #: a thousand waiting batches spreads their polls instead of sending them all in the same instant.
 FIRST_POLL_SPREAD = 10.0
+#: Cancels in flight in this triggerer, by batch id: held here so nothing but their own end stops them.
+_CANCELS: dict[str, asyncio.Task[None]] = {}
+#: Seconds past the cancel budget that on_kill keeps absorbing Airflow's repeated kills (about one a second).
+_GRACE = 30.0
+#: Longest wait for Airflow to tell the task instance's state.
+_STATE_TIMEOUT = 20.0
 
 
 class KlusterBatchTrigger(BaseTrigger):
@@ -40,7 +54,10 @@ class KlusterBatchTrigger(BaseTrigger):
     :param poll_interval: Seconds between polls.
     :param deadline: Epoch seconds after which the wait ends with a ``timeout`` event; ``None`` waits as long as
         the batch runs (kluster ends it at its completion window anyway).
-    :param cancel_on_kill: Cancel the batch when a user clears, fails or succeeds the deferred task (Airflow 3.3+).
+    :param cancel_on_kill: Cancel the batch when a person clears the deferred task or marks it failed (Airflow 3.3+);
+        never when the trigger merely moves to another triggerer.
+    :param cancel_on_mark_success: Also cancel it when the task is marked success.
+    :param cancel_budget: Seconds a cancel keeps retrying transient failures before it logs an ERROR.
     :param max_consecutive_errors: Transient poll failures tolerated in a row before an ``error`` event.
     """
 
@@ -52,6 +69,8 @@ class KlusterBatchTrigger(BaseTrigger):
         deadline: float | None = None,
         cancel_on_kill: bool = True,
         max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
+        cancel_on_mark_success: bool = False,
+        cancel_budget: float = DEFAULT_CANCEL_BUDGET,
     ) -> None:
         super().__init__()
         self.batch_id = batch_id
@@ -60,6 +79,8 @@ class KlusterBatchTrigger(BaseTrigger):
         self.deadline = None if deadline is None else float(deadline)
         self.cancel_on_kill = bool(cancel_on_kill)
         self.max_consecutive_errors = int(max_consecutive_errors)
+        self.cancel_on_mark_success = bool(cancel_on_mark_success)
+        self.cancel_budget = float(cancel_budget)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and JSON-native kwargs that rebuild this trigger."""
@@ -72,6 +93,8 @@ class KlusterBatchTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "cancel_on_kill": self.cancel_on_kill,
                 "max_consecutive_errors": self.max_consecutive_errors,
+                "cancel_on_mark_success": self.cancel_on_mark_success,
+                "cancel_budget": self.cancel_budget,
             },
         )
 
@@ -114,15 +137,121 @@ class KlusterBatchTrigger(BaseTrigger):
             await asyncio.sleep(decision.delay)
 
     async def on_kill(self) -> None:
-        """Cancel the batch when a user acts on the deferred task (Airflow 3.3+; never on triggerer restart)."""
+        """Cancel the batch when a person acted on the deferred task (Airflow 3.3+), and make that cancel land.
+
+        Airflow calls this for every trigger it takes away from this triggerer, also when another triggerer took
+        the trigger over (a stall past the HA hand-over): the task instance's state, read back from Airflow,
+        tells which (:func:`~airflow_provider_kluster.cancelling.judge_kill`). A cancel, once decided, runs as
+        its own task: Airflow re-sends the kill about once a second and may time ``on_kill`` out, and neither
+        interrupts it; transient failures are retried for up to ``cancel_budget`` seconds, and the outcome is
+        logged (``cancelling``/``cancelled``, or an ERROR naming the batch).
+        """
         if not self.cancel_on_kill:
-            self.log.info("Deferred task killed; batch %s left running (cancel_on_kill=False)", self.batch_id)
+            self.log.info(
+                "Deferred task stopped; batch %s left running (cancel_on_kill=False)", self.batch_id
+            )
             return
-        hook = self._hook()
+        state = await self._task_state()
+        verdict = judge_kill(state, where="triggerer", cancel_on_mark_success=self.cancel_on_mark_success)
+        if not verdict.cancel:
+            self.log.warning("Batch %s NOT cancelled: %s.", self.batch_id, verdict.reason)
+            return
+        job = _CANCELS.get(self.batch_id)
+        if job is None:
+            job = asyncio.get_running_loop().create_task(self._cancel(verdict.reason))
+            _CANCELS[self.batch_id] = job
+            job.add_done_callback(lambda _: _CANCELS.pop(self.batch_id, None))
+        # Stay with the cancel while it runs, so its outcome lands in the task's log; a repeated kill or
+        # on_kill's own timeout interrupts only this wait, never the cancel.
+        interrupted = 0
+        let_go = time.monotonic() + self.cancel_budget + _GRACE
+        while not job.done():
+            try:
+                await asyncio.shield(job)
+            except asyncio.CancelledError:
+                if job.done():
+                    break
+                interrupted += 1
+                if interrupted == 1:
+                    self.log.info(
+                        "Airflow asked again to stop this trigger; the cancel of batch %s goes on",
+                        self.batch_id,
+                    )
+                if time.monotonic() > let_go:
+                    raise
+
+    async def _task_state(self) -> str | None:
+        """Read the deferred task instance's state back from Airflow (``UNKNOWN_STATE`` if it cannot be read)."""
+        ti = self.task_instance
+        if ti is None:
+            return UNKNOWN_STATE
         try:
-            batch = await hook.acancel_batch(self.batch_id)
-        except KlusterAPIError as exc:
-            self.log.warning("Could not cancel batch %s after the task was killed: %s", self.batch_id, exc)
-            return
-        if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
-            self.log.info("Batch %s cancelled because its deferred task was killed", self.batch_id)
+            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+            map_index = getattr(ti, "map_index", -1)
+            map_index = -1 if map_index is None else int(map_index)
+            states = await asyncio.wait_for(
+                asyncio.to_thread(
+                    RuntimeTaskInstance.get_task_states,
+                    dag_id=ti.dag_id,
+                    task_ids=[ti.task_id],
+                    run_ids=[ti.run_id],
+                    map_index=map_index,
+                ),
+                timeout=_STATE_TIMEOUT,
+            )
+        except Exception as exc:  # ambiguous: never cancel on it
+            self.log.warning("Could not read the state of task %s: %s", ti.task_id, exc)
+            return UNKNOWN_STATE
+        key = ti.task_id if map_index < 0 else f"{ti.task_id}_{map_index}"
+        run_states = (states or {}).get(ti.run_id) or {}
+        if key not in run_states:
+            return UNKNOWN_STATE
+        value = run_states[key]
+        return None if value is None else str(getattr(value, "value", value))
+
+    async def _cancel(self, reason: str) -> None:
+        """Send the cancel until kluster confirms it, retrying transient failures within the budget."""
+        hook = self._hook()
+        attempts = CancelAttempts(started=time.monotonic(), budget=self.cancel_budget)
+        self.log.warning("Cancelling batch %s because %s", self.batch_id, reason)
+        async with hook.async_client_lease():
+            while True:
+                try:
+                    batch = await hook.acancel_batch(self.batch_id)
+                except KlusterNotFoundError:
+                    self.log.warning("Batch %s no longer exists; nothing to cancel", self.batch_id)
+                    return
+                except KlusterAPIError as exc:
+                    delay = attempts.after_failure(exc, time.monotonic())
+                    if delay is None:
+                        ended = await self._ended(hook)
+                        if ended is not None:
+                            self.log.info(
+                                "Batch %s already ended %s; nothing to cancel", self.batch_id, ended
+                            )
+                            return
+                        self.log.error(
+                            "%s", not_cancelled_message(self.batch_id, reason, attempts, "triggerer")
+                        )
+                        return
+                    self.log.warning(
+                        "Cancel of batch %s failed (%s); trying again in %.0fs", self.batch_id, exc, delay
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                self.log.warning(
+                    "Batch %s is %s: kluster confirmed the cancel (%s)",
+                    self.batch_id,
+                    batch.status_text,
+                    reason,
+                )
+                return
+
+    async def _ended(self, hook: KlusterHook) -> str | None:
+        """Return the batch's status if it already ended (or is cancelling), else ``None``."""
+        try:
+            batch = await hook.aget_batch(self.batch_id)
+        except KlusterAPIError:
+            return None
+        return batch.status_text if cancel_done(batch) else None

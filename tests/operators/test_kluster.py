@@ -144,7 +144,8 @@ def test_timeout_cancels_the_batch(kluster_conn, emulator, hook, deferrable):
     assert wait_for(hook, batch_id).status_text == "cancelled"
 
 
-def test_on_kill_cancels_the_running_batch(kluster_conn, emulator, hook):
+def test_on_kill_cancels_the_running_batch(kluster_conn, emulator, hook, airflow_says):
+    airflow_says["state"] = "failed"  # a person marked it failed
     emulator.emulator.faults.stick_batch("*", "in_progress")
     op = submit_op(requests=PROMPTS, model=MODEL)
     batch_id = op.execute(make_context())
@@ -153,7 +154,7 @@ def test_on_kill_cancels_the_running_batch(kluster_conn, emulator, hook):
     assert wait_for(hook, batch_id).status_text == "cancelled"
 
 
-def test_on_kill_respects_cancel_on_kill_false(kluster_conn, emulator):
+def test_on_kill_respects_cancel_on_kill_false(kluster_conn, emulator, airflow_says):
     emulator.emulator.faults.stick_batch("*", "in_progress")  # still running when killed: a cancel would land
     op = submit_op(requests=PROMPTS, model=MODEL, cancel_on_kill=False)
     batch_id = op.execute(make_context())

@@ -11,7 +11,7 @@ import pytest
 from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.triggers.kluster import KlusterBatchTrigger
 from tests.conftest import TEST_API_KEY, conn_json
-from tests.helpers import request_lines, wait_for, write_jsonl
+from tests.helpers import FakeTI, request_lines, wait_for, write_jsonl
 
 
 @pytest.fixture
@@ -200,10 +200,13 @@ def test_deadline_survives_a_triggerer_restart(emulator, submit):
     assert time.time() >= deadline
 
 
-def test_on_kill_cancels_the_batch(emulator, submit, hook):
+def test_on_kill_cancels_the_batch(emulator, submit, hook, airflow_says):
+    airflow_says["state"] = "failed"  # a person marked the deferred task failed
     batch_id = submit()
     emulator.emulator.faults.stick_batch(batch_id, "in_progress")
-    asyncio.run(make(batch_id).on_kill())
+    trigger = make(batch_id)
+    trigger.task_instance = FakeTI("wait")
+    asyncio.run(trigger.on_kill())
     emulator.emulator.faults.unstick_batch(batch_id)
     assert wait_for(hook, batch_id).status_text == "cancelled"
 

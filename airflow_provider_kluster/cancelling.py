@@ -1,0 +1,170 @@
+"""On-call cancellation: who may cancel a batch, and a cancel that, once decided, completes.
+
+Airflow calls a task's ``on_kill`` (and, from 3.3, a trigger's) for more reasons than a person's action: a
+triggerer that stalled past the HA hand-over has its triggers "cancelled by user action", a scheduler restart or
+lost heartbeats stop a worker with SIGTERM. Only the task instance's state, read back from Airflow after the kill,
+tells them apart, and :func:`judge_kill` turns it into a verdict: cancel (a person cleared the task or marked it
+failed, skipped or — when asked — success) or leave the batch running for the next try to reattach to.
+
+:class:`CancelAttempts` is the retry rule of the cancel itself (transient failures retried with backoff within a
+bounded time); the trigger drives it on the event loop, shielded from Airflow's repeated kills, and the worker
+drives it with blocking calls. Pure: no client, no Airflow.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from airflow_provider_kluster.batches import BatchStatus, KlusterBatch
+from airflow_provider_kluster.exceptions import KlusterAPIError, KlusterNotFoundError
+
+#: The task instance's state could not be read (the API was unreachable): never a reason to cancel.
+UNKNOWN_STATE = "<unknown>"
+#: How long a cancel keeps retrying transient failures before it gives up and says so (seconds).
+DEFAULT_CANCEL_BUDGET = 120.0
+#: A worker is SIGKILLed 5 s after SIGTERM; the cancel it can still make inline must end before that.
+WORKER_CANCEL_BUDGET = 3.5
+
+# States a task instance reaches only through a person (or an API call on a person's behalf) while it waited:
+# clearing gives ``None`` (then scheduled, queued, running…) or ``restarting``; marking gives the marked state;
+# marking the run failed gives ``failed`` or ``skipped``.
+_CLEARED = frozenset({None, "none", "scheduled", "queued", "restarting", "running"})
+_MARKED = {
+    "failed": "marked failed",
+    "upstream_failed": "marked upstream_failed",
+    "skipped": "marked skipped",
+    "removed": "removed from the DAG",
+}
+
+
+class KillCause(str, enum.Enum):
+    """Why a waiting task was stopped, as far as Airflow's records tell."""
+
+    CLEARED = "cleared"
+    MARKED = "marked"
+    MARKED_SUCCESS = "marked success"
+    TIMEOUT = "execution timeout"
+    NOT_A_PERSON = "not a person"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class KillVerdict:
+    """What to do with the batch of a task that was stopped: ``cancel`` it or not, and why (a sentence part)."""
+
+    cancel: bool
+    cause: KillCause
+    reason: str
+
+
+def judge_kill(
+    state: str | None,
+    *,
+    where: str,
+    cancel_on_mark_success: bool = False,
+    execution_timeout: bool = False,
+) -> KillVerdict:
+    """Decide whether the kill of a waiting task was a person's action that cancels its batch.
+
+    :param state: The task instance's state read from Airflow *after* the kill (``None``: no state, i.e.
+        cleared), or :data:`UNKNOWN_STATE` when it could not be read.
+    :param where: ``"triggerer"`` (the deferred task's trigger was cancelled) or ``"worker"`` (the task process
+        got SIGTERM while it polled).
+    :param cancel_on_mark_success: Whether marking the task success cancels the batch.
+    :param execution_timeout: The worker's ``execution_timeout`` fired (Airflow calls ``on_kill`` itself).
+    """
+    if execution_timeout:
+        return KillVerdict(True, KillCause.TIMEOUT, "the task passed its execution_timeout")
+    if state == UNKNOWN_STATE:
+        return KillVerdict(
+            False,
+            KillCause.UNKNOWN,
+            "Airflow could not say what happened to the task (its state could not be read)",
+        )
+    if state in _MARKED:
+        return KillVerdict(
+            True, KillCause.MARKED, f"the task was {_MARKED[state]} (its state is now {state!r})"
+        )
+    if state == "success":
+        if cancel_on_mark_success:
+            return KillVerdict(True, KillCause.MARKED_SUCCESS, "the task was marked success")
+        return KillVerdict(
+            False,
+            KillCause.MARKED_SUCCESS,
+            "the task was marked success (cancel_on_mark_success=False keeps its batch running; fetch its "
+            "results later, or cancel it with KlusterCancelBatchOperator)",
+        )
+    if where == "triggerer" and state == "deferred":
+        # Still deferred: the trigger went to another triggerer (HA hand-over, a stalled triggerer). A task cleared
+        # and deferred again before this kill arrived is handled by its new try, which never reattaches to a batch
+        # of a cleared try (it compares the task's max_tries) and cancels that batch itself.
+        return KillVerdict(
+            False,
+            KillCause.NOT_A_PERSON,
+            "the task is still deferred: its trigger moved to another triggerer",
+        )
+    if where == "worker" and state in ("running", "deferred"):
+        return KillVerdict(
+            False,
+            KillCause.NOT_A_PERSON,
+            f"the task is still {state}: Airflow stopped this process (a worker or scheduler shutdown, lost "
+            "heartbeats), not a person",
+        )
+    if state == "up_for_retry":
+        return KillVerdict(
+            False,
+            KillCause.NOT_A_PERSON,
+            "the task is up for retry (Airflow failed this try, e.g. for missed heartbeats); the retry reattaches",
+        )
+    if state in _CLEARED:
+        return KillVerdict(
+            True, KillCause.CLEARED, f"the task was cleared (its state is now {state or 'none'!r})"
+        )
+    return KillVerdict(False, KillCause.UNKNOWN, f"the task is in an unexpected state {state!r}")
+
+
+def cancel_done(batch: KlusterBatch) -> bool:
+    """Tell whether a batch needs no (further) cancel: cancelling, cancelled, or ended some other way."""
+    return batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED) or batch.is_terminal
+
+
+@dataclass
+class CancelAttempts:
+    """The retry rule of one cancel: transient failures are retried with backoff until ``budget`` seconds pass.
+
+    Call :meth:`after_failure` with each failed attempt's error and the current (monotonic) time: it answers
+    the seconds to wait before the next attempt, or ``None`` when the cancel has failed for good (a permanent
+    error, or the budget is spent).
+    """
+
+    started: float
+    budget: float = DEFAULT_CANCEL_BUDGET
+    first_delay: float = 1.0
+    max_delay: float = 15.0
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def after_failure(self, error: KlusterAPIError, now: float) -> float | None:
+        self.attempts += 1
+        self.errors.append(str(error))
+        if isinstance(error, KlusterNotFoundError) or not error.is_transient:
+            return None
+        delay = min(self.max_delay, self.first_delay * 2 ** (self.attempts - 1))
+        remaining = self.started + self.budget - now
+        if remaining <= 0:
+            return None
+        return min(delay, remaining)
+
+    @property
+    def last_error(self) -> str:
+        return self.errors[-1] if self.errors else "no answer"
+
+
+def not_cancelled_message(batch_id: str, reason: str, attempts: CancelAttempts, where: str) -> str:
+    """The ERROR a cancel that could not be sent leaves: which batch, that it may still run, what to do."""
+    return (
+        f"Could NOT cancel batch {batch_id} ({reason}) after {attempts.attempts} attempt(s) in the {where}: "
+        f"{attempts.last_error}. The batch may still be running and billing: cancel it by hand "
+        "(KlusterCancelBatchOperator, or the kluster.ai console)."
+    )
