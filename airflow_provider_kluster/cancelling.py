@@ -165,6 +165,6 @@ def not_cancelled_message(batch_id: str, reason: str, attempts: CancelAttempts, 
     """The ERROR a cancel that could not be sent leaves: which batch, that it may still run, what to do."""
     return (
         f"Could NOT cancel batch {batch_id} ({reason}) after {attempts.attempts} attempt(s) in the {where}: "
-        f"{attempts.last_error}. The batch may still be running and billing: cancel it by hand "
+        f"{attempts.last_error.rstrip('.')}. The batch may still be running and billing: cancel it by hand "
         "(KlusterCancelBatchOperator, or the kluster.ai console)."
     )

@@ -193,18 +193,76 @@ def test_worker_cancel_lands_despite_a_slow_or_failing_cancel(
     assert "kluster confirmed the cancel" in logged(caplog, capsys)
 
 
-def test_worker_cancel_that_cannot_be_sent_says_so(running, emulator, airflow_says, caplog, capsys):
+def test_worker_cancel_refused_for_good_says_so(running, emulator, airflow_says, caplog, capsys):
     op, batch_id = running
-    emulator.emulator.faults.add(CANCEL, status=503)
+    emulator.emulator.faults.add(CANCEL, status=400, message="refused")
     with caplog.at_level(logging.INFO):
         op.on_kill()
-    assert status(emulator, batch_id) == "in_progress"
+    assert status(emulator, batch_id) not in ("cancelling", "cancelled")
     text = logged(caplog, capsys)
     errors = error_lines(text)
     assert errors, text
     assert batch_id in errors[-1]
     assert "may still be running" in errors[-1]
     assert TEST_API_KEY not in text
+
+
+def wait_until_exited(pid: int, timeout: float = 60.0) -> None:
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} still runs after {timeout}s")
+
+
+def test_worker_cancel_outlives_the_task(running, emulator, airflow_says, monkeypatch, capfd):
+    """Not confirmed within the seconds Airflow leaves a stopped task: a detached process goes on and lands it."""
+    from airflow_provider_kluster.operators import kluster as operators
+
+    op, batch_id = running
+    emulator.emulator.faults.add(CANCEL, status=503, times=12)
+    started = []
+    real = operators.hand_over_cancel
+    monkeypatch.setattr(
+        operators, "hand_over_cancel", lambda *a, **k: started.append(real(*a, **k)) or started[-1]
+    )
+    op.on_kill()
+    (pid,) = started
+    assert pid
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        assert TEST_API_KEY.encode() not in fh.read()
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        assert TEST_API_KEY.encode() not in fh.read()
+    wait_until_exited(pid)
+    assert status(emulator, batch_id) in ("cancelling", "cancelled")
+    out, err = capfd.readouterr()  # the detached process logs to the task's output
+    assert "kluster confirmed the cancel" in out + err
+    assert TEST_API_KEY not in out + err
+
+
+def test_a_detached_cancel_that_cannot_land_says_so(running, emulator, airflow_says, monkeypatch, capfd):
+    from airflow_provider_kluster.operators import kluster as operators
+
+    op, batch_id = running
+    emulator.emulator.faults.add(CANCEL, status=503)
+    monkeypatch.setattr(operators, "DEFAULT_CANCEL_BUDGET", 3.0)
+    started = []
+    real = operators.hand_over_cancel
+    monkeypatch.setattr(
+        operators, "hand_over_cancel", lambda *a, **k: started.append(real(*a, **k)) or started[-1]
+    )
+    op.on_kill()
+    wait_until_exited(started[0])
+    assert status(emulator, batch_id) not in ("cancelling", "cancelled")
+    out, err = capfd.readouterr()
+    assert f"Could NOT cancel batch {batch_id}" in out + err
+    assert "may still be running" in out + err
+    assert "in the detached process" in out + err
 
 
 def test_execution_timeout_cancels_without_asking_airflow(running, emulator, airflow_says):

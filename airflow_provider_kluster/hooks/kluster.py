@@ -258,6 +258,13 @@ class KlusterHook(BaseHook):
         self._async_settings: ClientSettings | None = None
 
     @classmethod
+    def from_settings(cls, settings: ClientSettings) -> KlusterHook:
+        """Return a hook that uses ``settings`` as they are, without looking a connection up."""
+        hook = cls()
+        hook.__dict__["settings"] = settings
+        return hook
+
+    @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Return the connection form layout (Airflow 3.1 reads this; 3.2+ reads the provider info)."""
         return ui_field_behaviour()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -296,6 +300,100 @@ class KlusterUploadFileOperator(_RequestInputMixin, BaseOperator):
             )
 
 
+CONFIRMED = "confirmed"
+RETRYING = "retrying"
+FAILED = "failed"
+
+
+def cancel_until_confirmed(
+    hook: KlusterHook,
+    batch_id: str,
+    reason: str,
+    *,
+    budget: float,
+    log: Any,
+    final: bool = True,
+    where: str = "worker",
+) -> str:
+    """Send a batch's cancel until kluster confirms it, retrying transient failures for up to ``budget`` seconds.
+
+    :param final: Whether this is the last try: then a cancel that could not be sent is an ERROR naming the
+        batch; otherwise the budget spent on transient failures answers ``RETRYING`` for someone else to go on.
+    :return: ``CONFIRMED`` (cancelling/cancelled, or the batch already ended or is gone), ``RETRYING`` or
+        ``FAILED``.
+    """
+    attempts = CancelAttempts(started=time.monotonic(), budget=budget)
+    log.warning("Cancelling batch %s because %s", batch_id, reason)
+    while True:
+        try:
+            batch = hook.cancel_batch(batch_id)
+        except KlusterNotFoundError:
+            log.warning("Batch %s no longer exists; nothing to cancel", batch_id)
+            return CONFIRMED
+        except KlusterAPIError as exc:
+            delay = attempts.after_failure(exc, time.monotonic())
+            if delay is not None:
+                log.warning("Cancel of batch %s failed (%s); trying again in %.1fs", batch_id, exc, delay)
+                time.sleep(delay)
+                continue
+            try:
+                current = hook.get_batch(batch_id)
+            except KlusterAPIError:
+                current = None
+            if current is not None and cancel_done(current):
+                log.info("Batch %s already ended %s; nothing to cancel", batch_id, current.status_text)
+                return CONFIRMED
+            if not final and exc.is_transient:
+                return RETRYING
+            log.error("%s", not_cancelled_message(batch_id, reason, attempts, where))
+            return FAILED
+        log.warning("Batch %s is %s: kluster confirmed the cancel (%s)", batch_id, batch.status_text, reason)
+        return CONFIRMED
+
+
+def hand_over_cancel(hook: KlusterHook, batch_id: str, reason: str, *, log: Any) -> int | None:
+    """Go on with a cancel in a detached process that outlives this task's (Airflow kills it 5 s after SIGTERM).
+
+    The process gets the client settings, the key among them, on its standard input — never in its arguments or
+    environment (the connection and variable variables are left out of its environment) — and writes its outcome
+    to this task's output while Airflow still reads it. Returns its PID.
+    """
+    job = {
+        "settings": dataclasses.asdict(hook.settings),
+        "batch_id": batch_id,
+        "reason": reason,
+        "budget": DEFAULT_CANCEL_BUDGET,
+    }
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "airflow_provider_kluster.operators.finish_cancel"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # not in the task's process group, so not killed with it
+            close_fds=True,
+            # It needs no connection or variable of the environment: the settings come on stdin.
+            env={k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))},
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(job).encode())
+        proc.stdin.close()
+    except Exception as exc:
+        log.error(
+            "%s",
+            f"Could NOT hand the cancel of batch {batch_id} ({reason}) to a detached process: {exc}. The batch may "
+            "still be running and billing: cancel it by hand (KlusterCancelBatchOperator, or the kluster.ai "
+            "console).",
+        )
+        return None
+    log.warning(
+        "The cancel of batch %s is not confirmed yet and Airflow is about to kill this task: process %d goes on "
+        "trying for up to %.0fs and logs its outcome here while it can",
+        batch_id,
+        proc.pid,
+        DEFAULT_CANCEL_BUDGET,
+    )
+    return proc.pid
+
+
 class _BatchWaitMixin:
     """Wait for a batch: deferred to the triggerer, or polling on the worker; cancel it when killed."""
 
@@ -363,39 +461,7 @@ class _BatchWaitMixin:
 
         :return: whether kluster confirmed it (``cancelling``/``cancelled``) or the batch had already ended.
         """
-        attempts = CancelAttempts(started=time.monotonic(), budget=budget)
-        self.log.warning("Cancelling batch %s because %s", batch_id, reason)
-        while True:
-            try:
-                batch = self.hook.cancel_batch(batch_id)
-            except KlusterNotFoundError:
-                self.log.warning("Batch %s no longer exists; nothing to cancel", batch_id)
-                return True
-            except KlusterAPIError as exc:
-                delay = attempts.after_failure(exc, time.monotonic())
-                if delay is None:
-                    ended = self._ended(batch_id)
-                    if ended is not None:
-                        self.log.info("Batch %s already ended %s; nothing to cancel", batch_id, ended)
-                        return True
-                    self.log.error("%s", not_cancelled_message(batch_id, reason, attempts, "worker"))
-                    return False
-                self.log.warning(
-                    "Cancel of batch %s failed (%s); trying again in %.1fs", batch_id, exc, delay
-                )
-                time.sleep(delay)
-                continue
-            self.log.warning(
-                "Batch %s is %s: kluster confirmed the cancel (%s)", batch_id, batch.status_text, reason
-            )
-            return True
-
-    def _ended(self, batch_id: str) -> str | None:
-        try:
-            batch = self.hook.get_batch(batch_id)
-        except KlusterAPIError:
-            return None
-        return batch.status_text if cancel_done(batch) else None
+        return cancel_until_confirmed(self.hook, batch_id, reason, budget=budget, log=self.log) == CONFIRMED
 
     def on_kill(self) -> None:
         """Cancel the batch when a person stopped the task while it polled on the worker; otherwise leave it.
@@ -425,9 +491,14 @@ class _BatchWaitMixin:
                 "Batch %s NOT cancelled: %s. The next try reattaches to it.", batch_id, verdict.reason
             )
             return
-        self._cancel(
-            batch_id, verdict.reason, budget=DEFAULT_CANCEL_BUDGET if timed_out else WORKER_CANCEL_BUDGET
+        if timed_out:  # Airflow called on_kill itself: no SIGKILL follows
+            self._cancel(batch_id, verdict.reason)
+            return
+        outcome = cancel_until_confirmed(
+            self.hook, batch_id, verdict.reason, budget=WORKER_CANCEL_BUDGET, log=self.log, final=False
         )
+        if outcome == RETRYING:
+            hand_over_cancel(self.hook, batch_id, verdict.reason, log=self.log)
 
     def _task_state(self) -> str | None:
         """Read this task instance's state back from Airflow (``UNKNOWN_STATE`` if it cannot be read)."""
