@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +29,8 @@ __all__ = ["DEFAULT_MAX_CONSECUTIVE_ERRORS", "FIRST_POLL_SPREAD", "KlusterBatchT
 #: The first poll waits a random share of this (capped by the poll interval), so that a triggerer restarting with
 #: a thousand waiting batches spreads their polls instead of sending them all in the same instant.
 FIRST_POLL_SPREAD = 10.0
+#: The triggerer's own log: lines written here outside any trigger's context go to the triggerer process's log.
+_TRIGGERER_LOG = logging.getLogger(__name__)
 #: Cancels in flight in this triggerer, by batch id: held here so nothing but their own end stops them.
 _CANCELS: dict[str, asyncio.Task[None]] = {}
 #: Seconds past the cancel budget that on_kill keeps absorbing Airflow's repeated kills (about one a second).
@@ -154,7 +158,7 @@ class KlusterBatchTrigger(BaseTrigger):
         state = await self._task_state()
         verdict = judge_kill(state, where="triggerer", cancel_on_mark_success=self.cancel_on_mark_success)
         if not verdict.cancel:
-            self.log.warning("Batch %s NOT cancelled: %s.", self.batch_id, verdict.reason)
+            self._tell(logging.WARNING, "Batch %s NOT cancelled: %s.", self.batch_id, verdict.reason)
             return
         job = _CANCELS.get(self.batch_id)
         if job is None:
@@ -179,6 +183,12 @@ class KlusterBatchTrigger(BaseTrigger):
                     )
                 if time.monotonic() > let_go:
                     raise
+
+    def _tell(self, level: int, message: str, *args: Any) -> None:
+        """Log a cancel decision or outcome to the task's log and, once more, to the triggerer's own log."""
+        self.log.log(level, message, *args)
+        # Outside the trigger's context the line carries no trigger id: the triggerer logs it as its own.
+        contextvars.Context().run(_TRIGGERER_LOG.log, level, message, *args)
 
     async def _task_state(self) -> str | None:
         """Read the deferred task instance's state back from Airflow (``UNKNOWN_STATE`` if it cannot be read)."""
@@ -214,25 +224,30 @@ class KlusterBatchTrigger(BaseTrigger):
         """Send the cancel until kluster confirms it, retrying transient failures within the budget."""
         hook = self._hook()
         attempts = CancelAttempts(started=time.monotonic(), budget=self.cancel_budget)
-        self.log.warning("Cancelling batch %s because %s", self.batch_id, reason)
+        self._tell(logging.WARNING, "Cancelling batch %s because %s", self.batch_id, reason)
         async with hook.async_client_lease():
             while True:
                 try:
                     batch = await hook.acancel_batch(self.batch_id)
                 except KlusterNotFoundError:
-                    self.log.warning("Batch %s no longer exists; nothing to cancel", self.batch_id)
+                    self._tell(logging.WARNING, "Batch %s no longer exists; nothing to cancel", self.batch_id)
                     return
                 except KlusterAPIError as exc:
                     delay = attempts.after_failure(exc, time.monotonic())
                     if delay is None:
                         ended = await self._ended(hook)
                         if ended is not None:
-                            self.log.info(
-                                "Batch %s already ended %s; nothing to cancel", self.batch_id, ended
+                            self._tell(
+                                logging.INFO,
+                                "Batch %s already ended %s; nothing to cancel",
+                                self.batch_id,
+                                ended,
                             )
                             return
-                        self.log.error(
-                            "%s", not_cancelled_message(self.batch_id, reason, attempts, "triggerer")
+                        self._tell(
+                            logging.ERROR,
+                            "%s",
+                            not_cancelled_message(self.batch_id, reason, attempts, "triggerer"),
                         )
                         return
                     self.log.warning(
@@ -240,7 +255,8 @@ class KlusterBatchTrigger(BaseTrigger):
                     )
                     await asyncio.sleep(delay)
                     continue
-                self.log.warning(
+                self._tell(
+                    logging.WARNING,
                     "Batch %s is %s: kluster confirmed the cancel (%s)",
                     self.batch_id,
                     batch.status_text,
