@@ -20,7 +20,7 @@ from typing import Any
 
 from airflow_provider_kluster.batches import COMPLETION_WINDOWS, KLUSTER_METADATA_KEY, KLUSTER_OPTIONS
 from airflow_provider_kluster.exceptions import KlusterConfigError
-from airflow_provider_kluster.reattach import FINGERPRINT_KEY, IDENTITY_KEY, ON_CHANGED_INPUT
+from airflow_provider_kluster.reattach import FINGERPRINT_KEY, IDENTITY_KEY, MAX_TRIES_KEY, ON_CHANGED_INPUT
 from airflow_provider_kluster.request_files import UNSUPPORTED_BODY_PARAMS, body_param_problem
 
 #: Most metadata keys kluster.ai keeps on a batch, ``@kluster.ai`` and the provider's own keys included.
@@ -30,7 +30,7 @@ METADATA_MAX_KEY_CHARS = 64
 #: Longest metadata value, in characters.
 METADATA_MAX_VALUE_CHARS = 512
 #: Metadata keys the submit operator adds to every batch (it finds an earlier try's batch by them).
-PROVIDER_METADATA_KEYS = (IDENTITY_KEY, FINGERPRINT_KEY)
+PROVIDER_METADATA_KEYS = (IDENTITY_KEY, FINGERPRINT_KEY, MAX_TRIES_KEY)
 #: Longest ``input_file_id`` kluster.ai accepts.
 MAX_FILE_ID_CHARS = 256
 

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 IDENTITY_KEY = "airflow_task_identity"
 FINGERPRINT_KEY = "airflow_input_fingerprint"
+#: The task's ``max_tries`` when the batch was submitted: Airflow raises it on every clear of the task, and only then.
+MAX_TRIES_KEY = "airflow_max_tries"
 UPLOAD_PREFIX = "airflow-"
 #: Newest batches (and files) looked at for an earlier try's batch when the run's start is not known (five pages
 #: of the list); when it is, the scan stops at the first batch created before the run began instead.
@@ -169,6 +171,9 @@ class Previous:
     replaced: list[KlusterBatch] = field(default_factory=list)
     #: Batches of a try that was cleared since: never reattached to (a clear asks for a new batch).
     given_up: set[str] = field(default_factory=set)
+    #: This try's ``max_tries``; a batch whose :data:`MAX_TRIES_KEY` differs was submitted before a clear.
+    #: ``None`` never gives a batch up.
+    max_tries: int | None = None
 
     @property
     def input_file_ids(self) -> set[str]:
@@ -185,6 +190,13 @@ def classify(found: Previous, batch: KlusterBatch, identity: str, fingerprint: s
         found.reusable is not None and found.reusable.id == batch.id
     ):
         return
+    submitted_under = batch.metadata.get(MAX_TRIES_KEY)
+    if (
+        found.max_tries is not None
+        and submitted_under is not None
+        and submitted_under != str(found.max_tries)
+    ):
+        found.given_up.add(batch.id)
     if batch.status in _REPLACEABLE or batch.id in found.given_up:
         found.replaced.append(batch)
     elif batch.metadata.get(FINGERPRINT_KEY) != fingerprint:
@@ -212,7 +224,8 @@ def find_previous(
     :data:`CLOCK_SKEW`): nothing older can belong to this run. Without ``since`` it looks at the newest
     ``scan_limit``. A running or completed batch (an unknown status counts as running) with the same fingerprint
     is ``reusable``; running or completed ones made from another input are ``changed``; failed, expired or
-    cancelled ones, and those in ``found.given_up``, are ``replaced`` by a new batch.
+    cancelled ones, and those submitted before the task was last cleared (``found.given_up``: their
+    :data:`MAX_TRIES_KEY` differs from ``found.max_tries``), are ``replaced`` by a new batch.
     """
     found = Previous() if found is None else found
     for scanned, batch in enumerate(hook.iter_batches(), start=1):

@@ -238,21 +238,21 @@ PARAMETERS = {
         KlusterConfigError,
         "metadata['run'] must be a string",
     ),
-    "metadata-15-keys": (
-        {"requests": ["hi"], "model": MODEL, "metadata": {f"k{i}": "v" for i in range(15)}},
+    "metadata-14-keys": (
+        {"requests": ["hi"], "model": MODEL, "metadata": {f"k{i}": "v" for i in range(14)}},
         KlusterConfigError,
-        "metadata would have 17 keys (15 in metadata + the provider's own airflow_task_identity, "
-        "airflow_input_fingerprint), over kluster.ai's limit of 16; remove 1.",
+        "metadata would have 17 keys (14 in metadata + the provider's own airflow_task_identity, "
+        "airflow_input_fingerprint, airflow_max_tries), over kluster.ai's limit of 16; remove 1.",
     ),
-    "metadata-14-keys-and-options": (
+    "metadata-13-keys-and-options": (
         {
             "requests": ["hi"],
             "model": MODEL,
-            "metadata": {f"k{i}": "v" for i in range(14)},
+            "metadata": {f"k{i}": "v" for i in range(13)},
             "kluster_options": {"greedy": True},
         },
         KlusterConfigError,
-        "metadata would have 17 keys (14 in metadata + '@kluster.ai' for kluster_options",
+        "metadata would have 17 keys (13 in metadata + '@kluster.ai' for kluster_options",
     ),
     "metadata-key-too-long": (
         {"requests": ["hi"], "model": MODEL, "metadata": {"k" * 65: "v"}},
@@ -441,9 +441,9 @@ def test_bad_results_parameters(kluster_conn, nothing_sent, tmp_path, kwargs, fr
 
 ACCEPTED = {
     "completion-window-asap": ({"completion_window": "asap"}, {"completion_window": "asap"}),
-    "16-metadata-keys-with-the-provider's": ({"metadata": {f"k{i}": "v" for i in range(14)}}, {}),
+    "16-metadata-keys-with-the-provider's": ({"metadata": {f"k{i}": "v" for i in range(13)}}, {}),
     "16-metadata-keys-with-options": (
-        {"metadata": {f"k{i}": "v" for i in range(13)}, "kluster_options": {"greedy": False}},
+        {"metadata": {f"k{i}": "v" for i in range(12)}, "kluster_options": {"greedy": False}},
         {},
     ),
     "longest-metadata-key-and-value": ({"metadata": {"k" * 64: "v" * 512}}, {}),

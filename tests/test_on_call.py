@@ -289,11 +289,11 @@ class Store(dict):
         self[key] = value
 
 
-def try_context(run_id: str, store: Store, *, try_number: int, max_tries: int) -> dict:
+def try_context(run_id: str, store: Store | None, *, try_number: int, max_tries: int) -> dict:
     ti = FakeTI("submit", run_id=run_id)
     ti.try_number = try_number
     ti.max_tries = max_tries
-    return {"ti": ti, "task_state_store": store}
+    return {"ti": ti} if store is None else {"ti": ti, "task_state_store": store}
 
 
 def test_a_try_after_a_clear_never_reattaches(kluster_conn, emulator, airflow_says, caplog, capsys):
@@ -310,6 +310,20 @@ def test_a_try_after_a_clear_never_reattaches(kluster_conn, emulator, airflow_sa
     assert status(emulator, first) == "cancelling"
     assert "cleared since" in logged(caplog, capsys)
     assert store[STATE_BATCH_KEY]["batch_id"] == second
+
+
+def test_a_try_after_a_clear_never_reattaches_without_a_state_store(kluster_conn, emulator, caplog, capsys):
+    """Airflow 3.1-3.2, or a state store emptied by mark success: the batch's metadata tells the same."""
+    emulator.emulator.faults.stick_batch("*", "in_progress")
+    run_id = f"manual__{uuid.uuid4().hex}"
+    first = submit_op().execute(try_context(run_id, None, try_number=1, max_tries=0))
+    assert emulator.emulator.get_batch_raw(first)["metadata"]["airflow_max_tries"] == "0"
+    retried = submit_op().execute(try_context(run_id, None, try_number=2, max_tries=0))
+    assert retried == first  # a retry reattaches
+    second = submit_op().execute(try_context(run_id, None, try_number=3, max_tries=2))  # cleared
+    assert second != first
+    assert status(emulator, first) == "cancelling"
+    assert "cleared since" in logged(caplog, capsys)
 
 
 def test_a_retry_reattaches(kluster_conn, emulator):
@@ -345,7 +359,7 @@ def deferred_ti() -> types.SimpleNamespace:
     )
 
 
-async def airflow_kills(trigger: KlusterBatchTrigger, *, resend_every: float = 0.3) -> int:
+async def airflow_kills(trigger: KlusterBatchTrigger, *, resend_every: float = 0.3) -> tuple[int, int]:
     """Run the trigger in Airflow's ``TriggerRunner.run_trigger`` and kill it as the triggerer does.
 
     The triggerer cancels a trigger's task with its user-action message, and every state sync (about once a
@@ -368,12 +382,12 @@ async def airflow_kills(trigger: KlusterBatchTrigger, *, resend_every: float = 0
         task.cancel(_USER_ACTION_CANCEL_MSG)
         kills += 1
         await asyncio.sleep(resend_every)
-    # The cancel outlives the trigger's task where on_kill could not hold on to it.
-    for _ in range(200):
+    pending = len(trigger_module._CANCELS)
+    for _ in range(200):  # a cancel the trigger could not stay with goes on: let it end before the loop does
         if not trigger_module._CANCELS:
             break
         await asyncio.sleep(0.1)
-    return kills
+    return kills, pending
 
 
 def trigger_for(submit_batch, **kwargs) -> KlusterBatchTrigger:
@@ -403,8 +417,9 @@ def test_trigger_cancel_survives_airflow_resending_the_kill(
     airflow_says["state"] = "failed"
     emulator.emulator.faults.add(CANCEL, **fault)
     with caplog.at_level(logging.INFO):
-        kills = asyncio.run(airflow_kills(trigger_for(deferred_batch)))
+        kills, pending = asyncio.run(airflow_kills(trigger_for(deferred_batch)))
     assert kills >= 2, "the kill was re-sent while the cancel ran"
+    assert pending == 0, "the trigger ended before its cancel did: the outcome would miss the task's log"
     assert status(emulator, deferred_batch) == "cancelling"
     text = logged(caplog, capsys)
     assert "kluster confirmed the cancel" in text
@@ -443,6 +458,30 @@ def test_trigger_cancel_that_cannot_be_sent_says_so(deferred_batch, emulator, ai
     assert status(emulator, deferred_batch) == "in_progress"
     text = logged(caplog, capsys)
     assert any(deferred_batch in e and "may still be running" in e for e in error_lines(text)), text
+
+
+@needs_33
+def test_the_user_action_message_is_airflows():
+    from airflow.jobs.triggerer_job_runner import _USER_ACTION_CANCEL_MSG
+
+    assert trigger_module.USER_ACTION_CANCEL_MSG == _USER_ACTION_CANCEL_MSG
+
+
+@needs_33
+def test_a_triggerer_shutdown_cancels_nothing(deferred_batch, emulator, airflow_says):
+    """A cancel without Airflow's user-action message (the triggerer stopping) ends the wait at once."""
+    airflow_says["state"] = "failed"
+
+    async def shutdown() -> None:
+        task = asyncio.create_task(trigger_for(deferred_batch).run().__anext__())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(shutdown())
+    assert cancels(emulator) == 0
+    assert airflow_says["calls"] == []
 
 
 def test_trigger_kwargs_carry_the_new_settings(kluster_conn):

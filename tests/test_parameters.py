@@ -20,7 +20,7 @@ from airflow_provider_kluster.parameters import (
     check_kluster_options,
     check_positive_number,
 )
-from airflow_provider_kluster.reattach import FINGERPRINT_KEY, IDENTITY_KEY
+from airflow_provider_kluster.reattach import FINGERPRINT_KEY, IDENTITY_KEY, MAX_TRIES_KEY
 
 ACCEPTED = [
     ("input_file", "requests.jsonl"),
@@ -230,8 +230,9 @@ def test_metadata_at_the_limits_is_accepted(metadata, options):
         (
             keys(LIMIT_WITH_PROVIDER_KEYS),
             {"greedy": True},
-            "metadata would have 17 keys (14 in metadata + '@kluster.ai' for kluster_options + the provider's own "
-            "airflow_task_identity, airflow_input_fingerprint), over kluster.ai's limit of 16; remove 1.",
+            "metadata would have 17 keys (13 in metadata + '@kluster.ai' for kluster_options + the provider's own "
+            "airflow_task_identity, airflow_input_fingerprint, airflow_max_tries), over kluster.ai's limit of 16; "
+            "remove 1.",
         ),
         (
             {"k" * (METADATA_MAX_KEY_CHARS + 1): "v"},
@@ -298,7 +299,8 @@ def test_options_keep_their_booleans():
 def test_build_metadata_checks_what_the_hook_sends():
     """The hook's path: the provider keys are already in the metadata, so they count and are not refused."""
     sent = build_metadata(
-        {**keys(LIMIT_WITH_PROVIDER_KEYS - 1), IDENTITY_KEY: "i", FINGERPRINT_KEY: "f"}, {"greedy": True}
+        {**keys(LIMIT_WITH_PROVIDER_KEYS - 1), IDENTITY_KEY: "i", FINGERPRINT_KEY: "f", MAX_TRIES_KEY: "0"},
+        {"greedy": True},
     )
     assert len(sent) == METADATA_MAX_KEYS
     assert sent[KLUSTER_METADATA_KEY] == {"greedy": True}

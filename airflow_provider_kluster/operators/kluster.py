@@ -57,6 +57,7 @@ from airflow_provider_kluster.reattach import (
     DEFAULT_SCAN_LIMIT,
     FINGERPRINT_KEY,
     IDENTITY_KEY,
+    MAX_TRIES_KEY,
     STATE_BATCH_KEY,
     STATE_UPLOAD_KEY,
     Previous,
@@ -729,7 +730,12 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         batch = self.hook.create_batch(
             file_id,
             completion_window=self.completion_window,
-            metadata={**metadata, IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint},
+            metadata={
+                **metadata,
+                IDENTITY_KEY: identity,
+                FINGERPRINT_KEY: fingerprint,
+                **({MAX_TRIES_KEY: str(state.max_tries)} if state.max_tries is not None else {}),
+            },
             find_created=find_created if self.reattach else None,
         )
         state.record(STATE_BATCH_KEY, {"batch_id": batch.id, "fingerprint": fingerprint, **state.tries()})
@@ -758,7 +764,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         self, state: TaskState, identity: str, fingerprint: str, since: dt.datetime | None
     ) -> Previous:
         """Find what earlier tries created: the recorded batch first (one call), else a scan back to ``since``."""
-        previous = Previous()
+        previous = Previous(max_tries=state.max_tries if self.cancel_on_kill else None)
         recorded = state.get(STATE_BATCH_KEY)
         if recorded and recorded.get("batch_id"):
             recorded_id = str(recorded["batch_id"])
@@ -768,7 +774,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
                 self.log.info("Batch %s, recorded by an earlier try, is gone", recorded_id)
             else:
                 if self.cancel_on_kill and state.cleared_since(recorded):
-                    self._give_up(previous, batch, recorded)
+                    previous.given_up.add(batch.id)
                 classify(previous, batch, identity, fingerprint)
         if previous.reusable is None and state.needs_scan:
             previous = find_previous(
@@ -781,6 +787,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             )
         for old in previous.replaced:
             if old.id in previous.given_up:
+                self._give_up(old)
                 continue
             self.log.info("An earlier try's batch %s ended %s; submitting a new one", old.id, old.status_text)
         for old in previous.changed:
@@ -801,22 +808,22 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             )
         return previous
 
-    def _give_up(self, previous: Previous, batch: KlusterBatch, recorded: dict[str, Any]) -> None:
-        """Never reattach to the batch of a try that was cleared since; cancel it if it still runs.
+    def _give_up(self, batch: KlusterBatch) -> None:
+        """Never reattach to a batch submitted before the task was last cleared; cancel it if it still runs.
 
-        A clear asks for a new batch. The cleared try's own cancel may land late (a triggerer that is slow to
-        act on the clear), so this try cancels it too rather than wait on a batch about to be cancelled.
+        A clear asks for a new batch. The cleared try's own cancel may land late (a triggerer slow to act on the
+        clear) or never (Airflow below 3.3 tells no trigger), so this try cancels it rather than wait on it.
         """
-        previous.given_up.add(batch.id)
-        tried = recorded.get("try_number", "an earlier try")
         self.log.warning(
-            "Batch %s was submitted by try %s, and the task was cleared since: a clear asks for a new batch, "
-            "so it is not reattached to.",
+            "Batch %s (%s) was submitted before this task was last cleared: a clear asks for a new batch, so it "
+            "is not reattached to (cleared since).",
             batch.id,
-            tried,
+            batch.status_text,
         )
         if batch.is_running:
-            self._cancel(batch.id, f"its task was cleared after try {tried} submitted it")
+            self._cancel(
+                batch.id, "its task was cleared after it was submitted (a person asked for a new batch)"
+            )
 
 
 class KlusterGetBatchResultsOperator(BaseOperator):

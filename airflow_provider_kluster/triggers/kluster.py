@@ -7,8 +7,8 @@ import contextvars
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
@@ -29,6 +29,16 @@ __all__ = ["DEFAULT_MAX_CONSECUTIVE_ERRORS", "FIRST_POLL_SPREAD", "KlusterBatchT
 #: The first poll waits a random share of this (capped by the poll interval), so that a triggerer restarting with
 #: a thousand waiting batches spreads their polls instead of sending them all in the same instant.
 FIRST_POLL_SPREAD = 10.0
+#: What Airflow 3.3+ passes when it cancels a trigger because a person acted on its task
+#: (``airflow.jobs.triggerer_job_runner._USER_ACTION_CANCEL_MSG``); a shutdown cancels without it.
+USER_ACTION_CANCEL_MSG = "__airflow_user_action__"
+_T = TypeVar("_T")
+
+
+def _by_user_action(exc: asyncio.CancelledError) -> bool:
+    return bool(exc.args) and exc.args[0] == USER_ACTION_CANCEL_MSG
+
+
 #: The triggerer's own log: lines written here outside any trigger's context go to the triggerer process's log.
 _TRIGGERER_LOG = logging.getLogger(__name__)
 #: Cancels in flight in this triggerer, by batch id: held here so nothing but their own end stops them.
@@ -118,10 +128,21 @@ class KlusterBatchTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Poll until the batch is terminal, the deadline passes, or polling fails for good; yield one event."""
+        """Poll until the batch is terminal, the deadline passes, or polling fails for good; yield one event.
+
+        When Airflow 3.3+ cancels the trigger *by user action* (its message), the kill is handled here, before
+        Airflow's own call of :meth:`on_kill`: the trigger stays alive — absorbing the kill Airflow re-sends about
+        once a second — until the cancel's outcome is known, so every line of it lands in the task's log. A
+        cancel without that message (the triggerer shutting down) ends the wait at once, cancelling nothing.
+        """
         hook = self._hook()
-        async with hook.async_client_lease():  # one client for the whole wait, let go before the event
-            event = await self._wait(hook, self.policy())
+        try:
+            async with hook.async_client_lease():  # one client for the whole wait, let go before the event
+                event = await self._wait(hook, self.policy())
+        except asyncio.CancelledError as exc:
+            if _by_user_action(exc):
+                await self._handle_kill(absorb=_by_user_action)
+            raise
         yield TriggerEvent(event)
 
     async def _wait(self, hook: KlusterHook, policy: WaitPolicy) -> dict[str, Any]:
@@ -148,14 +169,27 @@ class KlusterBatchTrigger(BaseTrigger):
         tells which (:func:`~airflow_provider_kluster.cancelling.judge_kill`). A cancel, once decided, runs as
         its own task: Airflow re-sends the kill about once a second and may time ``on_kill`` out, and neither
         interrupts it; transient failures are retried for up to ``cancel_budget`` seconds, and the outcome is
-        logged (``cancelling``/``cancelled``, or an ERROR naming the batch).
+        logged (``cancelling``/``cancelled``, or an ERROR naming the batch). A kill already handled by
+        :meth:`run` is not handled twice.
         """
+        if self.__dict__.get("_kill_handled"):
+            return
+        await self._handle_kill(absorb=lambda _: True)
+
+    async def _handle_kill(self, *, absorb: Callable[[asyncio.CancelledError], bool]) -> None:
+        """Decide whether the kill cancels the batch and, if so, stay with the cancel until it ends.
+
+        :param absorb: Which interruptions of this wait to sit out (others are raised): a repeated kill or
+            ``on_kill``'s own timeout never stops the cancel itself, which runs as its own task.
+        """
+        self.__dict__["_kill_handled"] = True
+        let_go = time.monotonic() + self.cancel_budget + _GRACE
         if not self.cancel_on_kill:
             self.log.info(
                 "Deferred task stopped; batch %s left running (cancel_on_kill=False)", self.batch_id
             )
             return
-        state = await self._task_state()
+        state = await self._hold(asyncio.ensure_future(self._task_state()), absorb, let_go)
         verdict = judge_kill(state, where="triggerer", cancel_on_mark_success=self.cancel_on_mark_success)
         if not verdict.cancel:
             self._tell(logging.WARNING, "Batch %s NOT cancelled: %s.", self.batch_id, verdict.reason)
@@ -165,24 +199,30 @@ class KlusterBatchTrigger(BaseTrigger):
             job = asyncio.get_running_loop().create_task(self._cancel(verdict.reason))
             _CANCELS[self.batch_id] = job
             job.add_done_callback(lambda _: _CANCELS.pop(self.batch_id, None))
-        # Stay with the cancel while it runs, so its outcome lands in the task's log; a repeated kill or
-        # on_kill's own timeout interrupts only this wait, never the cancel.
+        await self._hold(job, absorb, let_go)
+
+    async def _hold(
+        self,
+        job: asyncio.Future[_T],
+        absorb: Callable[[asyncio.CancelledError], bool],
+        let_go: float,
+    ) -> _T:
+        """Await ``job`` through interruptions ``absorb`` accepts, until ``let_go`` (monotonic); return its result."""
         interrupted = 0
-        let_go = time.monotonic() + self.cancel_budget + _GRACE
-        while not job.done():
+        while True:
             try:
-                await asyncio.shield(job)
-            except asyncio.CancelledError:
-                if job.done():
-                    break
+                return await asyncio.shield(job)
+            except asyncio.CancelledError as exc:
+                if job.done() and not job.cancelled():
+                    return job.result()
+                if not absorb(exc) or time.monotonic() > let_go:
+                    raise
                 interrupted += 1
                 if interrupted == 1:
                     self.log.info(
                         "Airflow asked again to stop this trigger; the cancel of batch %s goes on",
                         self.batch_id,
                     )
-                if time.monotonic() > let_go:
-                    raise
 
     def _tell(self, level: int, message: str, *args: Any) -> None:
         """Log a cancel decision or outcome to the task's log and, once more, to the triggerer's own log."""
