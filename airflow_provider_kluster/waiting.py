@@ -61,8 +61,9 @@ _ADVICE = {
     WaitOutcome.FAILED: "Check kluster's errors above, fix the request file, and submit again.",
     WaitOutcome.EXPIRED: "Its completion window passed first; results that finished are in its output file. "
     "Submit the rest with a longer completion_window.",
-    WaitOutcome.CANCELLED: "It was cancelled (by a user, on-call, or this provider on kill or timeout); "
-    "requests that finished are in its output file.",
+    WaitOutcome.CANCELLED: "It was cancelled while this task waited, not by this task: in the kluster.ai console "
+    "or API, by another task, or by an earlier try of this one (whose log says 'Cancelling batch <id> because "
+    "<who>'). Requests that finished are in its output file.",
 }
 
 _RAISES: Mapping[WaitOutcome, type[KlusterBatchError]] = {

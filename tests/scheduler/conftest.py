@@ -1,7 +1,11 @@
 """Session fixtures of the real-Airflow tests: one emulator and one Airflow cluster for every module here.
 
-Starting Airflow (migrate + four processes) takes most of a minute on two cores, so every scenario of this folder
+Starting Airflow (migrate + five processes) takes most of a minute on two cores, so every scenario of this folder
 shares one cluster; each scenario triggers its own run and finds its batches by ``metadata.airflow_run_id``.
+
+The cluster runs two triggerers (``triggerer`` and ``triggerer-2``) on a throwaway PostgreSQL server (the
+``postgres`` fixture), as a production deployment does; ``KLUSTER_TEST_DB=sqlite`` runs it on SQLite instead
+(quicker to set up, nothing to install). ``cluster.db_kind`` tells a test which one it runs on.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import pytest
 
 from airflow_provider_kluster.emulator.server import EmulatorServer
 
-from .harness import AirflowCluster
+from . import postgres as pg
+from .harness import DB_ENV, AirflowCluster, requested_db_kind
 
 DAGS = Path(__file__).parent / "dags"
 API_KEY = "kl-scheduler-test-key"
@@ -22,12 +27,15 @@ API_KEY = "kl-scheduler-test-key"
 DAG_IDS = (
     "kluster_on_call_deferred",
     "kluster_on_call_worker",
+    "kluster_on_call_retry_worker",
     "kluster_crash_worker",
     "kluster_crash_triggerer",
     "kluster_crash_deadline",
 )
 #: Seconds without a heartbeat after which a (killed) triggerer's triggers go to another triggerer.
 TRIGGERER_HEALTH_CHECK_THRESHOLD = 10
+#: Two triggerers: a trigger of a dead or hung one is taken over by the other.
+COMPONENTS = ("api-server", "scheduler", "triggerer", "triggerer-2", "dag-processor")
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +55,28 @@ def emulator_server():
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory, emulator_server):
+def postgres():
+    """A throwaway PostgreSQL server on loopback for the session (``None`` with ``KLUSTER_TEST_DB=sqlite``)."""
+    if requested_db_kind() == "sqlite":
+        yield None
+        return
+    reason = pg.available()
+    if reason:
+        pytest.fail(
+            f"The real-scheduler tests run Airflow on PostgreSQL, which cannot be used here: {reason}. "
+            f"Install it (Debian: apt-get install postgresql; .ci/run does), or run them on SQLite with "
+            f"{DB_ENV}=sqlite.",
+            pytrace=False,
+        )
+    server = pg.PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, emulator_server, postgres):
     """Airflow's processes, started once for the session, with every test DAG parsed and unpaused."""
     root = tmp_path_factory.mktemp("scheduler")
     dags = root / "dags"
@@ -63,7 +92,13 @@ def cluster(tmp_path_factory, emulator_server):
         # Default 30 s: how long the triggers of a kill -9'd triggerer wait before a new triggerer takes them.
         "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": str(TRIGGERER_HEALTH_CHECK_THRESHOLD),
     }
-    cluster = AirflowCluster(home=root / "airflow", dags_folder=dags, env=env)
+    cluster = AirflowCluster(
+        home=root / "airflow",
+        dags_folder=dags,
+        env=env,
+        components=COMPONENTS,
+        sql_alchemy_conn=postgres.url if postgres is not None else None,
+    )
     cluster.start()
     try:
         with cluster.report_on_failure():

@@ -2,12 +2,25 @@
 
 Everything is started by PID in its own process group, logs go to files under ``<home>/proc-logs``, and
 :meth:`AirflowCluster.stop` always terminates every group it started (SIGTERM, then SIGKILL after a grace
-period). The metadata database is SQLite in the cluster's own ``AIRFLOW_HOME``; the executor is the
-LocalExecutor. No service outside this machine's Python environment is needed.
+period). The executor is the LocalExecutor. The metadata database is ``sql_alchemy_conn`` (the session fixture
+passes a throwaway PostgreSQL server of :mod:`.postgres`); without one it is SQLite in the cluster's own
+``AIRFLOW_HOME``, which needs no service outside this machine's Python environment.
+
+A component may be started more than once under suffixed names: ``"triggerer-2"`` runs the same
+``airflow triggerer`` as ``"triggerer"``, so a cluster can have two triggerers that take over each other's
+triggers; :meth:`AirflowCluster.trigger_owner` tells which one runs a deferred task's trigger, and
+:meth:`AirflowCluster.pause` / :meth:`AirflowCluster.resume` freeze and thaw one component's whole process group
+(SIGSTOP / SIGCONT), a hung process rather than a dead one.
 
 Typical use (a session- or module-scoped fixture)::
 
-    cluster = AirflowCluster(home=tmp / "airflow", dags_folder=tmp / "dags", env={"AIRFLOW_CONN_X": "..."})
+    cluster = AirflowCluster(
+        home=tmp / "airflow",
+        dags_folder=tmp / "dags",
+        env={"AIRFLOW_CONN_X": "..."},
+        sql_alchemy_conn=postgres.url,  # None: SQLite
+        components=("api-server", "scheduler", "triggerer", "triggerer-2", "dag-processor"),
+    )
     try:
         cluster.start()  # migrate, start the processes, wait until every component reports healthy
         run_id = cluster.api.trigger_run("my_dag")
@@ -27,6 +40,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -43,17 +57,53 @@ import httpx
 if TYPE_CHECKING:
     from airflow_provider_kluster.emulator.server import EmulatorServer
 
-#: Component name -> ``airflow`` sub-command (the api-server gets its host and port appended).
+#: Component kind -> ``airflow`` sub-command (the api-server gets its host and port appended). A component's name
+#: is its kind, optionally with a ``-<n>`` suffix for a second process of the same kind (``triggerer-2``).
 COMPONENTS: dict[str, list[str]] = {
     "api-server": ["api-server"],
     "scheduler": ["scheduler", "--skip-serve-logs"],
     "triggerer": ["triggerer", "--skip-serve-logs"],
     "dag-processor": ["dag-processor"],
 }
-#: Component name -> key in ``GET /api/v2/monitor/health``.
+#: Component kind -> key in ``GET /api/v2/monitor/health`` (which reports only the latest heartbeat of a kind).
 HEALTH_KEYS = {"scheduler": "scheduler", "triggerer": "triggerer", "dag-processor": "dag_processor"}
+#: Component kind -> ``job.job_type`` of its rows in the metadata database.
+JOB_TYPES = {"scheduler": "SchedulerJob", "triggerer": "TriggererJob", "dag-processor": "DagProcessorJob"}
+#: The environment variable choosing the session cluster's metadata database: ``postgresql`` (default) or ``sqlite``.
+DB_ENV = "KLUSTER_TEST_DB"
+DB_KINDS = ("postgresql", "sqlite")
 
 TERMINAL_TI_STATES = frozenset({"success", "failed", "skipped", "upstream_failed", "removed"})
+
+
+def component_kind(name: str) -> str:
+    """``"triggerer-2"`` -> ``"triggerer"``; a name without a ``-<n>`` suffix is its own kind.
+
+    :raises ValueError: for a name of no known kind.
+    """
+    kind = re.sub(r"-\d+$", "", name)
+    if kind not in COMPONENTS:
+        raise ValueError(
+            f"unknown component {name!r}; choose from {sorted(COMPONENTS)} (or e.g. 'triggerer-2')"
+        )
+    return kind
+
+
+def requested_db_kind() -> str:
+    """The metadata database asked for by ``$KLUSTER_TEST_DB``: ``"postgresql"`` (default) or ``"sqlite"``.
+
+    Known at import time, so usable in ``skipif`` marks; a running cluster tells its own in ``cluster.db_kind``.
+    """
+    value = os.environ.get(DB_ENV, "").strip().lower() or "postgresql"
+    value = {"postgres": "postgresql", "pg": "postgresql"}.get(value, value)
+    if value not in DB_KINDS:
+        raise ValueError(f"{DB_ENV}={os.environ[DB_ENV]!r}: choose one of {', '.join(DB_KINDS)}")
+    return value
+
+
+def db_kind_of(url: str) -> str:
+    """``"postgresql+psycopg2://..."`` -> ``"postgresql"``, ``"sqlite:///..."`` -> ``"sqlite"``."""
+    return url.split(":", 1)[0].split("+", 1)[0]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -260,14 +310,17 @@ class AirflowAPI:
 
 
 class AirflowCluster:
-    """Airflow's processes on loopback: api-server, scheduler, triggerer and dag-processor.
+    """Airflow's processes on loopback: api-server, scheduler, triggerer(s) and dag-processor.
 
-    :param home: a fresh, empty ``AIRFLOW_HOME`` (created if missing; holds the SQLite DB and every log).
+    :param home: a fresh, empty ``AIRFLOW_HOME`` (created if missing; holds every log, and the SQLite DB).
     :param dags_folder: the DAGs the dag-processor parses.
     :param env: extra environment for every process (connections ``AIRFLOW_CONN_*``, config overrides).
         The test process's own ``AIRFLOW*`` and ``PYTEST*`` variables are never inherited.
-    :param components: which processes :meth:`start` runs.
+    :param components: which processes :meth:`start` runs, by name: a kind of :data:`COMPONENTS`, optionally
+        suffixed ``-<n>`` to run another process of that kind (``"triggerer-2"``).
     :param python: the interpreter whose ``airflow`` runs (``python -m airflow``).
+    :param sql_alchemy_conn: the metadata database's SQLAlchemy URL (an empty database; :meth:`start` migrates
+        it). ``None``: SQLite at ``<home>/airflow.db``.
     """
 
     def __init__(
@@ -280,13 +333,18 @@ class AirflowCluster:
         python: str = sys.executable,
         host: str = "127.0.0.1",
         port: int | None = None,
+        sql_alchemy_conn: str | None = None,
     ) -> None:
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
         self.components = list(components)
-        unknown = set(self.components) - set(COMPONENTS)
-        if unknown:
-            raise ValueError(f"unknown components {sorted(unknown)}; choose from {sorted(COMPONENTS)}")
+        for name in self.components:
+            component_kind(name)
+        if len(set(self.components)) != len(self.components):
+            raise ValueError(f"components named twice: {self.components}")
+        self.sql_alchemy_conn = sql_alchemy_conn or f"sqlite:///{self.home / 'airflow.db'}"
+        #: ``"postgresql"`` or ``"sqlite"``: the metadata database's kind, for tests whose expectations differ.
+        self.db_kind = db_kind_of(self.sql_alchemy_conn)
         self.python = python
         self.host = host
         self.port = port or free_port(host)
@@ -296,6 +354,9 @@ class AirflowCluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._log_files: dict[str, Path] = {}
         self._starts: collections.Counter[str] = collections.Counter()
+        self._paused: set[str] = set()
+        self._start_log: list[tuple[float, str]] = []  # (epoch, name) of every start_component
+        self._db_engine: Any = None
         self.api = AirflowAPI(self.base_url)
 
     # -- environment ------------------------------------------------------------------------------
@@ -310,7 +371,7 @@ class AirflowCluster:
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__CORE__PARALLELISM": "8",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.sql_alchemy_conn,
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
                 "AIRFLOW__API__BASE_URL": self.base_url,
                 "AIRFLOW__API__HOST": self.host,
@@ -371,9 +432,24 @@ class AirflowCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.airflow("db", "migrate")
+            started = time.time()
+            previous: dict[str, str] = {}
             for name in self.components:
+                kind = component_kind(name)
+                if kind in previous:
+                    # The second of a kind starts once the first has its job row: jobs map to components by
+                    # start time (see job_id), which two processes starting together would make ambiguous.
+                    first = previous[kind]
+
+                    def has_job(first: str = first) -> bool:
+                        self.check_alive()
+                        return self.job_id(first) is not None
+
+                    wait_until(has_job, timeout, what=f"{first} to create its job", on_timeout=self.describe)
+                previous[kind] = name
                 self.start_component(name)
-            self.wait_healthy(timeout)
+            # heartbeat_after: with two components of a kind, each must have its own job heartbeating.
+            self.wait_healthy(timeout, heartbeat_after=started)
         except BaseException:
             print(self.describe(), file=sys.stderr)
             self.stop()
@@ -382,14 +458,14 @@ class AirflowCluster:
 
     def start_component(self, name: str) -> subprocess.Popen[bytes]:
         """Start one component (in its own process group), logging to ``proc-logs/<name>.<n>.log``."""
-        if name not in COMPONENTS:
-            raise ValueError(f"unknown component {name!r}")
+        kind = component_kind(name)
         if self.is_running(name):
             raise RuntimeError(f"{name} is already running (pid {self.procs[name].pid})")
         self._starts[name] += 1
+        self._start_log.append((time.time(), name))
         log_path = self.log_dir / f"{name}.{self._starts[name]}.log"
-        cmd = [self.python, "-m", "airflow", *COMPONENTS[name]]
-        if name == "api-server":
+        cmd = [self.python, "-m", "airflow", *COMPONENTS[kind]]
+        if kind == "api-server":
             cmd += ["--host", self.host, "--port", str(self.port), "--workers", "1"]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -403,14 +479,45 @@ class AirflowCluster:
             )
         self.procs[name] = proc
         self._log_files[name] = log_path
+        self._paused.discard(name)
         return proc
 
     def stop_component(self, name: str, grace: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
-        """Signal the component's whole process group, SIGKILL it after ``grace`` seconds; return its exit code."""
+        """Signal the component's whole process group, SIGKILL it after ``grace`` seconds; return its exit code.
+
+        A paused component is resumed right after the signal, so that it can act on it.
+        """
         proc = self.procs.pop(name, None)
         if proc is None:
             return None
-        return _terminate_group(proc, grace=grace, sig=sig)
+        paused = name in self._paused
+        self._paused.discard(name)
+        return _terminate_group(proc, grace=grace, sig=sig, resume=paused)
+
+    def pause(self, name: str) -> None:
+        """Freeze a component's whole process group (SIGSTOP): a hung process, not a dead one.
+
+        Every process of the group stops: the triggerer's trigger-runner child, the scheduler's executor workers
+        and task supervisors. Its job's heartbeat stops too, so after the health-check threshold another
+        component of the kind (a second triggerer) takes its work over. :meth:`resume` lets it go on.
+        """
+        _killpg(self._pgid(name), signal.SIGSTOP)
+        self._paused.add(name)
+
+    def resume(self, name: str) -> None:
+        """Let a paused component's process group go on (SIGCONT), after :meth:`pause`."""
+        _killpg(self._pgid(name), signal.SIGCONT)
+        self._paused.discard(name)
+
+    def is_paused(self, name: str) -> bool:
+        return name in self._paused and self.is_running(name)
+
+    def _pgid(self, name: str) -> int:
+        pid = self.pid(name)
+        try:
+            return os.getpgid(pid)
+        except ProcessLookupError:
+            return pid  # started with start_new_session: the group id is the leader's pid
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int | None:
         """Kill a component abruptly (default ``kill -9`` of its process group), as a crash would."""
@@ -428,12 +535,15 @@ class AirflowCluster:
         """Stop every component (SIGTERM, then SIGKILL after ``grace``); safe to call twice."""
         # Producers of work first, the api-server (which running tasks talk to) last.
         order = ["scheduler", "dag-processor", "triggerer", "api-server"]
-        for name in sorted(self.procs, key=lambda n: order.index(n) if n in order else -1):
+        for name in sorted(self.procs, key=lambda n: order.index(component_kind(n))):
             try:
                 self.stop_component(name, grace=grace)
             except Exception as exc:  # pragma: no cover - keep stopping the others
                 print(f"could not stop {name}: {exc!r}", file=sys.stderr)
         self.api.close()
+        if self._db_engine is not None:
+            self._db_engine.dispose()
+            self._db_engine = None
 
     def __enter__(self) -> AirflowCluster:
         return self.start()
@@ -485,22 +595,35 @@ class AirflowCluster:
         """Wait until the api-server answers and each given component's job reports ``healthy``.
 
         :param heartbeat_after: epoch seconds; also require a heartbeat newer than this (after a restart, the
-            previous process's last heartbeat can still count as healthy for a while).
+            previous process's last heartbeat can still count as healthy for a while). The health endpoint
+            reports only the newest heartbeat of each kind, so when the cluster runs two components of a kind
+            (``triggerer``, ``triggerer-2``) this also waits until each given one's own job (:meth:`job`)
+            heartbeats after ``heartbeat_after``.
         """
-        names = [n for n in (components or self.components) if n in HEALTH_KEYS]
+        names = [n for n in (components or self.components) if component_kind(n) in HEALTH_KEYS]
+        kinds = sorted({component_kind(n) for n in names})
+        # Components whose kind has more than one process in this cluster: their own job rows are checked.
+        shared = [
+            n for n in names if sum(component_kind(o) == component_kind(n) for o in self.components) > 1
+        ]
 
         def healthy() -> dict[str, Any] | None:
             self.check_alive()
             health = self.api.health()
             if not health or health.get("metadatabase", {}).get("status") != "healthy":
                 return None
-            for name in names:
-                entry = health.get(HEALTH_KEYS[name]) or {}
+            for kind in kinds:
+                entry = health.get(HEALTH_KEYS[kind]) or {}
                 if entry.get("status") != "healthy":
                     return None
                 if heartbeat_after is not None:
                     beat = _heartbeat_epoch(entry)
                     if beat is None or beat < heartbeat_after:
+                        return None
+            if heartbeat_after is not None:
+                for name in shared:
+                    job = self.job(name)
+                    if job is None or (job["latest_heartbeat"] or 0) < heartbeat_after:
                         return None
             return health
 
@@ -511,6 +634,82 @@ class AirflowCluster:
             what=f"Airflow components {names} to be healthy",
             on_timeout=lambda: f"Last health: {self.api.health()}\n{self.describe()}",
         )
+
+    # -- the metadata database ------------------------------------------------------------------------
+    def db_rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        """Rows of one read-only SQL query on the metadata database (SQLAlchemy ``text()``, ``:name`` params)."""
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        if self._db_engine is None:
+            self._db_engine = sqlalchemy.create_engine(self.sql_alchemy_conn, poolclass=NullPool)
+        with self._db_engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sqlalchemy.text(sql), params)]
+
+    def _jobs(self, kind: str) -> list[dict[str, Any]]:
+        """The ``job`` rows of a component kind, oldest first, times as epoch seconds ([] if unreadable)."""
+        try:
+            rows = self.db_rows(
+                "SELECT id, state, start_date, latest_heartbeat FROM job WHERE job_type = :job_type ORDER BY id",
+                job_type=JOB_TYPES[component_kind(kind)],
+            )
+        except Exception as exc:  # the database being busy is "not yet", never a failure of a wait
+            print(f"could not read the job table: {exc!r}", file=sys.stderr)
+            return []
+        return [
+            {"id": i, "state": state, "start_date": _epoch(start), "latest_heartbeat": _epoch(beat)}
+            for i, state, start, beat in rows
+        ]
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        """The ``job`` row of a running component's current process (``None`` until it made one).
+
+        The table does not say which process a job belongs to, so jobs map to components by start time: the
+        first job of the kind started after this process was, and before the next component of the kind was
+        started. :meth:`start` staggers two components of a kind for that; start them one at a time likewise.
+        """
+        kind = component_kind(name)
+        if kind not in JOB_TYPES or not self.is_running(name):
+            return None
+        starts = [(t, n) for t, n in self._start_log if component_kind(n) == kind]
+        mine = max(i for i, (_, n) in enumerate(starts) if n == name)
+        since = starts[mine][0]
+        until = starts[mine + 1][0] if mine + 1 < len(starts) else float("inf")
+        for job in self._jobs(kind):
+            if job["start_date"] is not None and since <= job["start_date"] < until:
+                return job
+        return None
+
+    def job_id(self, name: str) -> int | None:
+        """Id of the running component's current job (what ``trigger.triggerer_id`` names), if it has one."""
+        job = self.job(name)
+        return None if job is None else job["id"]
+
+    def component_of_job(self, job_id: int) -> str | None:
+        """Which running component's current process has job ``job_id`` (``None``: an exited process's)."""
+        for name in self.procs:
+            if component_kind(name) in JOB_TYPES and self.job_id(name) == job_id:
+                return name
+        return None
+
+    def trigger_owner(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str | None:
+        """The triggerer (component name) running the deferred task's trigger now.
+
+        ``None`` while the trigger is unassigned, or assigned to a triggerer process that is gone (a killed one
+        keeps its triggers until its heartbeat is older than ``triggerer_health_check_threshold``).
+        """
+        rows = self.db_rows(
+            "SELECT t.triggerer_id FROM task_instance ti JOIN trigger t ON t.id = ti.trigger_id"
+            " WHERE ti.dag_id = :dag_id AND ti.run_id = :run_id AND ti.task_id = :task_id"
+            " AND ti.map_index = :map_index",
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id,
+            map_index=map_index,
+        )
+        if not rows or rows[0][0] is None:
+            return None
+        return self.component_of_job(rows[0][0])
 
     # -- logs ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -547,6 +746,8 @@ class AirflowCluster:
                 if proc is None
                 else (f"exited {proc.returncode}" if proc.poll() is not None else f"pid {proc.pid}")
             )
+            if proc is not None and name in self._paused:
+                state += ", paused"
             parts.append(f"===== {name} ({state}) {path} =====\n{tail(path, lines)}")
         for path in self.task_logs(dag_id)[-6:]:
             parts.append(f"===== task log {path.relative_to(self.home)} =====\n{tail(path, lines)}")
@@ -554,26 +755,44 @@ class AirflowCluster:
 
 
 def _heartbeat_epoch(entry: Mapping[str, Any]) -> float | None:
-    from datetime import datetime
-
     for key in ("latest_scheduler_heartbeat", "latest_triggerer_heartbeat", "latest_dag_processor_heartbeat"):
         value = entry.get(key)
         if value:
-            try:
-                return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                return None
+            return _epoch(value)
     return None
 
 
-def _terminate_group(proc: subprocess.Popen[bytes], *, grace: float, sig: int) -> int | None:
-    """Send ``sig`` to the process group led by ``proc``; SIGKILL the group if it outlives ``grace``."""
+def _epoch(value: Any) -> float | None:
+    """Epoch seconds of a datetime or ISO string (a naive one is UTC, as Airflow stores it in SQLite)."""
+    from datetime import datetime, timezone
+
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        try:
+            value = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def _terminate_group(
+    proc: subprocess.Popen[bytes], *, grace: float, sig: int, resume: bool = False
+) -> int | None:
+    """Send ``sig`` to the process group led by ``proc``; SIGKILL the group if it outlives ``grace``.
+
+    :param resume: also send SIGCONT after ``sig`` (the group was stopped with SIGSTOP).
+    """
     try:
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:
         pgid = proc.pid  # the leader is gone (maybe reaped already); its group may still have members
     if proc.poll() is None or sig == signal.SIGKILL:
         _killpg(pgid, sig)
+    if resume:
+        _killpg(pgid, signal.SIGCONT)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -767,4 +986,4 @@ def finish_run(cluster: AirflowCluster, server: EmulatorServer, dag_id: str, run
         # Nobody is left to cancel them (e.g. the run ended while its task waited for a retry).
         for batch_id in running():
             with contextlib.suppress(Exception):
-                server.emulator.cancel_batch(batch_id)
+                server.emulator.set_batch_status(batch_id, "cancelled")

@@ -1,13 +1,14 @@
 """Crashes through a real Airflow: retries never pay twice, a triggerer restart loses nothing.
 
 The same processes as ``test_on_call_cancel.py`` (scheduler with the LocalExecutor, triggerer, dag-processor,
-api-server; SQLite; the emulator in-process with every batch stuck ``in_progress``), and:
+api-server; PostgreSQL, or SQLite with KLUSTER_TEST_DB=sqlite; the emulator in-process with every batch stuck ``in_progress``), and:
 
 * ``kill -9`` of the task process while it polls its batch on the worker: the supervisor reports the try failed,
   the scheduler retries it, and the retry REATTACHES to the batch the first try created (one upload, one batch
   for the whole run), which then completes;
-* the triggerer restarted while the task is deferred, once gracefully (SIGTERM) and once by ``kill -9``: another
-  triggerer process takes the trigger over, keeps polling the same batch, never cancels it, and the task
+* the triggerer restarted while the task is deferred, once gracefully (SIGTERM) and once by ``kill -9`` (the
+  cluster's second triggerer paused meanwhile, so the restarted one is the only one): the new triggerer process
+  takes the trigger over, keeps polling the same batch, never cancels it, and the task
   succeeds once the batch completes;
 * the triggerer killed while a task with a ``timeout`` is deferred: the wait still ends at the original deadline
   (batch creation + timeout), not a fresh one counted from the restart, and the batch is cancelled once.
@@ -136,13 +137,18 @@ def pid_gone(pid: int) -> bool:
 # -- scenarios -------------------------------------------------------------------------------------------
 @pytest.fixture
 def revive_triggerer(cluster):
-    """After the test, make sure a triggerer runs again (a failed scenario may leave it killed)."""
-    yield cluster
-    if not cluster.is_running("triggerer"):
-        started = time.time()
-        cluster.stop_component("triggerer")  # forget a dead process, if any
-        cluster.start_component("triggerer")
-        cluster.wait_healthy(120, components=["triggerer"], heartbeat_after=started)
+    """One triggerer for the scenario: the second is paused (SIGSTOP) throughout, so the trigger runs on the first,
+    which the scenario restarts and kills; afterwards both run again (a failed scenario may leave one killed)."""
+    cluster.pause("triggerer-2")
+    try:
+        yield cluster
+    finally:
+        cluster.resume("triggerer-2")
+        if not cluster.is_running("triggerer"):
+            started = time.time()
+            cluster.stop_component("triggerer")  # forget a dead process, if any
+            cluster.start_component("triggerer")
+            cluster.wait_healthy(120, components=["triggerer"], heartbeat_after=started)
 
 
 def test_kill_9_of_the_task_process_mid_wait_reattaches_on_retry(cluster, emulator_server):

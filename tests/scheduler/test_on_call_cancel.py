@@ -1,7 +1,7 @@
 """On-call cancellation through a real Airflow: scheduler, triggerer, dag-processor and api-server on loopback.
 
-``dag.test()`` never calls ``on_kill``, so these tests start the real processes (LocalExecutor, SQLite, a fresh
-``AIRFLOW_HOME``), run the submit operator against the in-process emulator with every batch stuck
+``dag.test()`` never calls ``on_kill``, so these tests start the real processes (LocalExecutor, PostgreSQL or
+SQLite, a fresh ``AIRFLOW_HOME``), run the submit operator against the in-process emulator with every batch stuck
 ``in_progress``, act on the task as an on-call engineer would through the REST API, and check that the
 emulator's batch was cancelled:
 
@@ -44,12 +44,15 @@ TASK = "submit_and_wait"
 # -- scenarios -------------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_triggerer(cluster):
-    """Restart the triggerer so a scenario does not depend on the previous one's trigger bookkeeping.
+    """Restart the triggerers so a scenario does not depend on the previous one's trigger bookkeeping.
 
     With SQLite, trigger ids are reused as soon as the newest trigger row is deleted; a triggerer that still
     tracks a cancelled trigger under that id can skip the new trigger that got it (seen with Airflow 3.3.2).
+    PostgreSQL never reuses ids.
     """
-    cluster.restart("triggerer")
+    if cluster.db_kind == "sqlite":
+        for name in ("triggerer", "triggerer-2"):
+            cluster.restart(name)
     return cluster
 
 

@@ -1,9 +1,11 @@
-"""DAGs for the real-scheduler on-call tests: one batch waited on in the triggerer, one on the worker.
+"""DAGs for the real-scheduler on-call tests: a batch waited on in the triggerer, or on the worker (with a retry).
 
 Each batch carries the Airflow run id in its metadata (``airflow_run_id``) so the test finds it in the emulator.
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG
@@ -17,14 +19,14 @@ PROMPTS = [
 ]
 
 
-def _dag(dag_id: str, *, deferrable: bool) -> DAG:
+def _dag(dag_id: str, *, deferrable: bool, retries: int = 0) -> DAG:
     with DAG(
         dag_id=dag_id,
         schedule=None,
         start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=4,
-        default_args={"retries": 0},
+        default_args={"retries": retries, "retry_delay": timedelta(seconds=1)},
         tags=["kluster", "test"],
     ) as dag:
         KlusterSubmitBatchOperator(
@@ -42,3 +44,5 @@ def _dag(dag_id: str, *, deferrable: bool) -> DAG:
 
 deferred_dag = _dag("kluster_on_call_deferred", deferrable=True)
 worker_dag = _dag("kluster_on_call_worker", deferrable=False)
+# Polls on the worker with one retry: a try Airflow stops without a person's action is retried and reattaches.
+retry_worker_dag = _dag("kluster_on_call_retry_worker", deferrable=False, retries=1)
