@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from airflow_provider_kluster.batches import BatchStatus, KlusterBatch
 from airflow_provider_kluster.exceptions import KlusterAPIError, KlusterNotFoundError
@@ -122,6 +123,19 @@ def judge_kill(
             True, KillCause.CLEARED, f"the task was cleared (its state is now {state or 'none'!r})"
         )
     return KillVerdict(False, KillCause.UNKNOWN, f"the task is in an unexpected state {state!r}")
+
+
+def state_in(states: Any, run_id: str, task_id: str, map_index: int) -> str | None:
+    """Pick one task instance's state out of Airflow's ``get_task_states`` answer (``UNKNOWN_STATE`` if absent).
+
+    The answer maps run id → task key → state, the key being ``<task_id>_<map_index>`` for a mapped task.
+    """
+    key = task_id if map_index < 0 else f"{task_id}_{map_index}"
+    run_states = (states or {}).get(run_id) or {}
+    if key not in run_states:
+        return UNKNOWN_STATE
+    value = run_states[key]
+    return None if value is None else str(getattr(value, "value", value))
 
 
 def cancel_done(batch: KlusterBatch) -> bool:

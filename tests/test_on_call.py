@@ -24,6 +24,7 @@ from airflow_provider_kluster.cancelling import (
     CancelAttempts,
     KillCause,
     judge_kill,
+    state_in,
 )
 from airflow_provider_kluster.exceptions import KlusterAPIError, KlusterConfigError
 from airflow_provider_kluster.operators.kluster import (
@@ -93,6 +94,16 @@ def test_only_a_persons_action_cancels(state, where, cancel, cause):
     verdict = judge_kill(state, where=where)
     assert (verdict.cancel, verdict.cause) == (cancel, cause)
     assert verdict.reason
+
+
+def test_the_state_is_picked_out_of_airflows_answer():
+    answer = {"run": {"submit": "failed", "submit_3": "deferred", "other": None}}
+    assert state_in(answer, "run", "submit", -1) == "failed"
+    assert state_in(answer, "run", "submit", 3) == "deferred"  # a mapped task's key
+    assert state_in(answer, "run", "other", -1) is None  # cleared
+    assert state_in(answer, "run", "submit", 4) == UNKNOWN_STATE
+    assert state_in(answer, "another run", "submit", -1) == UNKNOWN_STATE
+    assert state_in({}, "run", "submit", -1) == UNKNOWN_STATE
 
 
 def test_mark_success_cancels_only_when_asked():

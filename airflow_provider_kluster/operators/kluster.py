@@ -31,6 +31,7 @@ from airflow_provider_kluster.cancelling import (
     cancel_done,
     judge_kill,
     not_cancelled_message,
+    state_in,
 )
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
@@ -516,12 +517,7 @@ class _BatchWaitMixin:
         except Exception as exc:  # ambiguous: never cancel on it
             self.log.warning("Could not read the state of task %s: %s", task_id, exc)
             return UNKNOWN_STATE
-        name = task_id if map_index < 0 else f"{task_id}_{map_index}"
-        run_states = (states or {}).get(run_id) or {}
-        if name not in run_states:
-            return UNKNOWN_STATE
-        value = run_states[name]
-        return None if value is None else str(getattr(value, "value", value))
+        return state_in(states, run_id, task_id, map_index)
 
     def remember_task(self, context: Context) -> None:
         """Keep who this task instance is, for :meth:`on_kill` to read its state back."""

@@ -20,6 +20,7 @@ from airflow_provider_kluster.cancelling import (
     cancel_done,
     judge_kill,
     not_cancelled_message,
+    state_in,
 )
 from airflow_provider_kluster.exceptions import KlusterAPIError, KlusterNotFoundError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
@@ -253,12 +254,7 @@ class KlusterBatchTrigger(BaseTrigger):
         except Exception as exc:  # ambiguous: never cancel on it
             self.log.warning("Could not read the state of task %s: %s", ti.task_id, exc)
             return UNKNOWN_STATE
-        key = ti.task_id if map_index < 0 else f"{ti.task_id}_{map_index}"
-        run_states = (states or {}).get(ti.run_id) or {}
-        if key not in run_states:
-            return UNKNOWN_STATE
-        value = run_states[key]
-        return None if value is None else str(getattr(value, "value", value))
+        return state_in(states, ti.run_id, ti.task_id, map_index)
 
     async def _cancel(self, reason: str) -> None:
         """Send the cancel until kluster confirms it, retrying transient failures within the budget."""
