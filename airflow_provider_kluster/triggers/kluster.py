@@ -257,53 +257,57 @@ class KlusterBatchTrigger(BaseTrigger):
         return state_in(states, ti.run_id, ti.task_id, map_index)
 
     async def _cancel(self, reason: str) -> None:
-        """Send the cancel until kluster confirms it, retrying transient failures within the budget."""
+        """Cancel this trigger's batch (a trigger for many batches overrides this to cancel each of them)."""
+        await self._cancel_one(self.batch_id, reason)
+
+    async def _cancel_one(self, batch_id: str, reason: str) -> None:
+        """Cancel ``batch_id`` until kluster confirms it, retrying transient failures within the budget."""
         hook = self._hook()
         attempts = CancelAttempts(started=time.monotonic(), budget=self.cancel_budget)
-        self._tell(logging.WARNING, "Cancelling batch %s because %s", self.batch_id, reason)
+        self._tell(logging.WARNING, "Cancelling batch %s because %s", batch_id, reason)
         async with hook.async_client_lease():
             while True:
                 try:
-                    batch = await hook.acancel_batch(self.batch_id)
+                    batch = await hook.acancel_batch(batch_id)
                 except KlusterNotFoundError:
-                    self._tell(logging.WARNING, "Batch %s no longer exists; nothing to cancel", self.batch_id)
+                    self._tell(logging.WARNING, "Batch %s no longer exists; nothing to cancel", batch_id)
                     return
                 except KlusterAPIError as exc:
                     delay = attempts.after_failure(exc, time.monotonic())
                     if delay is None:
-                        ended = await self._ended(hook)
+                        ended = await self._ended(hook, batch_id)
                         if ended is not None:
                             self._tell(
                                 logging.INFO,
                                 "Batch %s already ended %s; nothing to cancel",
-                                self.batch_id,
+                                batch_id,
                                 ended,
                             )
                             return
                         self._tell(
                             logging.ERROR,
                             "%s",
-                            not_cancelled_message(self.batch_id, reason, attempts, "triggerer"),
+                            not_cancelled_message(batch_id, reason, attempts, "triggerer"),
                         )
                         return
                     self.log.warning(
-                        "Cancel of batch %s failed (%s); trying again in %.0fs", self.batch_id, exc, delay
+                        "Cancel of batch %s failed (%s); trying again in %.0fs", batch_id, exc, delay
                     )
                     await asyncio.sleep(delay)
                     continue
                 self._tell(
                     logging.WARNING,
                     "Batch %s is %s: kluster confirmed the cancel (%s)",
-                    self.batch_id,
+                    batch_id,
                     batch.status_text,
                     reason,
                 )
                 return
 
-    async def _ended(self, hook: KlusterHook) -> str | None:
-        """Return the batch's status if it already ended (or is cancelling), else ``None``."""
+    async def _ended(self, hook: KlusterHook, batch_id: str) -> str | None:
+        """Return the status of ``batch_id`` if it already ended (or is cancelling), else ``None``."""
         try:
-            batch = await hook.aget_batch(self.batch_id)
+            batch = await hook.aget_batch(batch_id)
         except KlusterAPIError:
             return None
         return batch.status_text if cancel_done(batch) else None
