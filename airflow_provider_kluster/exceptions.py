@@ -75,6 +75,26 @@ class KlusterRequestFileError(KlusterError):
         self.errors = list(errors or [])
 
 
+class KlusterBudgetError(KlusterError):
+    """A batch would cost more than ``max_cost`` (what was already ``spent`` included), or its cost cannot be
+    checked because a model has no price; nothing was submitted. Amounts are in USD."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        estimate_usd: float,
+        max_cost: float,
+        spent: float = 0.0,
+        unpriced_models: list[str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.estimate_usd = estimate_usd
+        self.max_cost = max_cost
+        self.spent = spent
+        self.unpriced_models = list(unpriced_models or [])
+
+
 class KlusterInputChangedError(KlusterError):
     """An earlier try of this task made its batch from other input, and ``on_changed_input="fail"``."""
 
