@@ -8,11 +8,12 @@ Error envelopes follow the two styles seen from the real service:
 
 Admin endpoints (no authentication; not counted):
 
-* ``GET /_emulator/faults`` — ``{rules, stuck, fail_share, cancel_delay}``;
+* ``GET /_emulator/faults`` — ``{rules, stuck, fail_share, cancel_delay, transient_share, transient_repeats,
+  lost_share, lost_repeats, stall_after, stalled}``;
 * ``PUT /_emulator/faults`` — a rule object (``{"route", "status", "times", "rate", "retry_after",
   "latency", "drop_connection", "malformed_body", "message", "after_commit"}``, appended), a list of
-  rules (appended), or a full document ``{rules, stuck, fail_share, cancel_delay}`` (replaces the rules
-  and stuck batches unless ``?replace=false``). ``"after_commit": true`` runs the route first and only
+  rules (appended), or a full document with any of the keys above (replaces the rules, stuck and stalled
+  batches unless ``?replace=false``; ``stalled`` maps a batch id, ``"*"`` or ``"next"`` to a request count). ``"after_commit": true`` runs the route first and only
   then replaces its answer by the fault (see :class:`~airflow_provider_kluster.emulator.faults.FaultRule`);
 * ``DELETE /_emulator/faults`` — clear all faults;
 * ``GET /_emulator/counters`` — request counters;
@@ -44,7 +45,8 @@ from airflow_provider_kluster.emulator.completions import (
     validate_chat_body,
 )
 from airflow_provider_kluster.emulator.faults import FaultRule, normalize_route
-from airflow_provider_kluster.emulator.state import ALL_STATUSES, ALLOWED_WINDOWS
+from airflow_provider_kluster.emulator.models import extended_model_json, plain_model_json
+from airflow_provider_kluster.emulator.state import ALL_STATUSES, ALLOWED_WINDOWS, UploadError
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -213,6 +215,7 @@ def create_app(emulator: KlusterEmulator) -> ASGIApp:
     )
     _add_error_handlers(api)
     _add_file_routes(api, emulator)
+    _add_upload_routes(api, emulator)
     _add_batch_routes(api, emulator)
     _add_model_routes(api, emulator)
     _add_admin_routes(api, emulator)
@@ -349,6 +352,103 @@ def _add_file_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
         )
 
 
+def _add_upload_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
+    """``/v1/uploads``: create, add parts (multipart field ``data``, streamed to disk), complete, cancel."""
+
+    def refused(exc: UploadError) -> Response:
+        return kluster_error(
+            400, str(exc), error_type="expired" if exc.code == "expired" else "invalid_request_error"
+        )
+
+    @api.post("/v1/uploads")
+    async def create_upload(request: Request) -> Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict):
+            return _bad_request("The request body must be a JSON object.")
+        try:
+            rec = emulator.create_upload(
+                bytes=body.get("bytes"),
+                filename=body.get("filename"),
+                mime_type=body.get("mime_type"),
+                purpose=body.get("purpose"),
+            )
+        except UploadError as exc:
+            return refused(exc)
+        return JSONResponse(emulator.upload_json(rec))
+
+    @api.post("/v1/uploads/{upload_id}/parts")
+    async def add_part(upload_id: str, request: Request) -> Response:
+        limit = emulator.config.max_part_bytes
+        too_large = f"Part too large: the limit is {limit} bytes per part."
+        try:
+            part_id, dest = emulator.new_part_target(upload_id)
+        except KeyError:
+            return plain_error(404, f"Upload {upload_id} not found")
+        except UploadError as exc:
+            return refused(exc)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
+            return _bad_request(too_large)
+        try:
+            form = await request.form(max_files=2, max_fields=20)
+        except Exception as exc:
+            return _bad_request(f"Could not parse the multipart body: {exc}")
+        try:
+            data = form.get("data")
+            if not isinstance(data, UploadFile):
+                return _bad_request("A multipart 'data' field is required.")
+            size = 0
+            try:
+                with open(dest, "wb") as fh:
+                    while chunk := await data.read(_COPY_CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            raise OverflowError
+                        fh.write(chunk)
+            except OverflowError:
+                dest.unlink(missing_ok=True)
+                return _bad_request(too_large)
+        finally:
+            await form.close()
+        try:
+            part = emulator.register_part(upload_id, part_id, dest)
+        except KeyError:
+            return plain_error(404, f"Upload {upload_id} not found")
+        except UploadError as exc:
+            return refused(exc)
+        return JSONResponse(emulator.part_json(part))
+
+    @api.post("/v1/uploads/{upload_id}/complete")
+    async def complete_upload(upload_id: str, request: Request) -> Response:
+        body, error = await _json_body(request)
+        if error is not None:
+            return error
+        if not isinstance(body, dict):
+            return _bad_request("The request body must be a JSON object with 'part_ids'.")
+        try:
+            # joining up to 8 GB of parts: off the event loop
+            rec = await asyncio.to_thread(
+                emulator.complete_upload, upload_id, body.get("part_ids"), body.get("md5")
+            )
+        except KeyError:
+            return plain_error(404, f"Upload {upload_id} not found")
+        except UploadError as exc:
+            return refused(exc)
+        return JSONResponse(emulator.upload_json(rec))
+
+    @api.post("/v1/uploads/{upload_id}/cancel")
+    async def cancel_upload(upload_id: str) -> Response:
+        try:
+            rec = emulator.cancel_upload(upload_id)
+        except KeyError:
+            return plain_error(404, f"Upload {upload_id} not found")
+        except UploadError as exc:
+            return refused(exc)
+        return JSONResponse(emulator.upload_json(rec))
+
+
 async def _json_body(request: Request) -> tuple[Any, Response | None]:
     raw = await request.body()
     if not raw.strip():
@@ -441,20 +541,17 @@ def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
 
 
 def _add_model_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
-    def model_json(model_id: str) -> dict[str, Any]:
-        from airflow_provider_kluster.emulator.completions import DEFAULT_MODELS
-
-        known = {m["id"]: m for m in DEFAULT_MODELS}.get(model_id, {})
-        return {
-            "id": model_id,
-            "object": "model",
-            "created": known.get("created", 1730000000),
-            "owned_by": known.get("owned_by", model_id.split("/", 1)[0].lower()),
-        }
+    model_json = plain_model_json
 
     @api.get("/v1/models")
-    async def list_models() -> Response:
-        return JSONResponse({"object": "list", "data": [model_json(m) for m in emulator.models]})
+    async def list_models(request: Request) -> Response:
+        extended = request.query_params.get("extended", "").lower() in ("1", "true", "yes")
+        models = emulator.models
+        if not extended:
+            return JSONResponse({"object": "list", "data": [model_json(m) for m in models]})
+        prices = emulator.config.prices
+        data = [extended_model_json(m, prices=prices, default=i == 0) for i, m in enumerate(models)]
+        return JSONResponse({"object": "list", "data": data})
 
     @api.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:

@@ -9,6 +9,15 @@ Two kinds of faults exist:
 * **Batch faults**: a batch can be made to *stick* in a status (:meth:`FaultInjector.stick_batch`), a share
   of the requests inside batches can be made to fail into the error file (:attr:`FaultInjector.fail_share`)
   and the cancellation delay can be overridden (:attr:`FaultInjector.cancel_delay`).
+* **Per-request faults** keyed by ``custom_id`` (deterministic from seed + ``custom_id``, so the same
+  requests are hit in every run): :attr:`FaultInjector.transient_share` fails a request into the error
+  file with HTTP 500 ``server_error`` or 429 ``rate_limit_exceeded`` for its first
+  :attr:`FaultInjector.transient_repeats` executions (sent again in a later batch, it succeeds);
+  :attr:`FaultInjector.lost_share` makes a request vanish (in neither file; counted in ``total`` only) for
+  its first :attr:`FaultInjector.lost_repeats` executions.
+* **Stalled batches**: progress stops after N requests while the batch stays ``in_progress``
+  (:attr:`FaultInjector.stall_after` for every batch, :meth:`FaultInjector.stall_batch` for one batch,
+  every batch, or the next batch created). Cancellation and expiry still work.
 
 All randomness comes from a :class:`random.Random` seeded with the emulator seed, so a test run is
 reproducible.
@@ -32,6 +41,7 @@ method or path.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import re
@@ -40,6 +50,29 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _PLACEHOLDER = re.compile(r"\{[^}/]*\}")
+
+#: What :meth:`FaultInjector.request_fate` may decide for one execution of a request.
+LOST = "lost"
+SERVER_ERROR = "server_error"
+RATE_LIMITED = "rate_limit_exceeded"
+
+#: ``stall_batch`` target meaning "the next batch created" (claimed by that batch).
+NEXT_BATCH = "next"
+
+_DOCUMENT_KEYS = frozenset(
+    {
+        "rules",
+        "stuck",
+        "fail_share",
+        "cancel_delay",
+        "transient_share",
+        "transient_repeats",
+        "lost_share",
+        "lost_repeats",
+        "stall_after",
+        "stalled",
+    },
+)
 
 #: Statuses a batch may be made to stick in.
 STICKABLE_STATUSES = frozenset(
@@ -173,6 +206,30 @@ def rule_from_dict(data: dict[str, Any]) -> FaultRule:
     return FaultRule(**kwargs)
 
 
+def _share(name: str, value: Any) -> float:
+    share = float(value or 0.0)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1")
+    return share
+
+
+def _count(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be an integer >= 0")
+    number = int(value)
+    if number != float(value) or number < 0:
+        raise ValueError(f"{name} must be an integer >= 0")
+    return number
+
+
+def unit_draw(seed: int, salt: str, custom_id: str) -> float:
+    """A number in ``[0, 1)`` fixed by ``seed``, ``salt`` and ``custom_id`` (same in every run and process)."""
+    digest = hashlib.sha256(f"{seed}\x00{salt}\x00{custom_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def parse_fault_spec(spec: str) -> dict[str, Any]:
     """Parse the CLI syntax ``"POST /v1/batches:rate=0.5:status=503"`` into keyword arguments.
 
@@ -224,6 +281,17 @@ class FaultInjector:
         self.fail_share: float = 0.0
         #: Override of the emulator's cancellation delay in seconds (``None`` = use the config).
         self.cancel_delay: float | None = None
+        #: Share (0..1) of custom_ids whose first :attr:`transient_repeats` executions fail with 500/429.
+        self.transient_share: float = 0.0
+        #: How many executions of a chosen custom_id fail transiently before it succeeds.
+        self.transient_repeats: int = 1
+        #: Share (0..1) of custom_ids whose first :attr:`lost_repeats` executions never come back.
+        self.lost_share: float = 0.0
+        #: How many executions of a chosen custom_id are lost before it is answered.
+        self.lost_repeats: int = 1
+        #: Every batch stops making progress after this many requests (``None`` = never).
+        self.stall_after: int | None = None
+        self._stalled: dict[str, int] = {}
 
     # -- HTTP faults -------------------------------------------------------------------------
     def add(
@@ -320,6 +388,65 @@ class FaultInjector:
         with self._lock:
             return self._stuck.get(batch_id) == status or self._stuck.get("*") == status
 
+    def stall_batch(self, batch_id: str = NEXT_BATCH, after: int = 0) -> None:
+        """Stop a batch's progress after ``after`` requests; it stays ``in_progress`` (counts frozen).
+
+        :param batch_id: a batch id, ``"*"`` (every batch), or ``"next"`` (the next batch created claims it;
+            a later ``"next"`` call before that replaces the pending one).
+        :param after: requests the batch processes before it stalls (``0``: none).
+
+        Cancelling the batch still works (``cancelling`` → ``cancelled``; the files keep what was done), and
+        so does expiry of its completion window. :meth:`unstall_batch` lets it continue.
+        """
+        after_n = _count("after", after)
+        assert after_n is not None
+        with self._lock:
+            self._stalled[batch_id] = after_n
+
+    def unstall_batch(self, batch_id: str = "*") -> None:
+        """Let a batch stalled with :meth:`stall_batch` continue (``"*"`` removes the wildcard entry)."""
+        with self._lock:
+            self._stalled.pop(batch_id, None)
+
+    def claim_next_stall(self, batch_id: str) -> None:
+        """Give a pending ``stall_batch("next", ...)`` to the batch just created (called by the emulator)."""
+        with self._lock:
+            after = self._stalled.pop(NEXT_BATCH, None)
+            if after is not None:
+                self._stalled[batch_id] = after
+
+    def stall_limit(self, batch_id: str) -> int | None:
+        """How many requests ``batch_id`` may process before it stalls (``None`` = no limit)."""
+        with self._lock:
+            limits = [
+                v
+                for v in (self.stall_after, self._stalled.get(batch_id), self._stalled.get("*"))
+                if v is not None
+            ]
+            return min(limits) if limits else None
+
+    def request_fate(self, custom_id: str, execution: int) -> str | None:
+        """Decide what happens to execution number ``execution`` (1-based) of the request ``custom_id``.
+
+        :return: :data:`LOST` (the request appears in neither file), :data:`SERVER_ERROR` (HTTP 500) or
+            :data:`RATE_LIMITED` (HTTP 429) for a transient failure, or ``None`` (no per-request fault).
+            Which custom_ids are hit, and which of 500/429 they get, depends only on the seed and the
+            custom_id.
+        """
+        with self._lock:
+            seed = self._seed
+            lost_share, lost_repeats = self.lost_share, self.lost_repeats
+            transient_share, transient_repeats = self.transient_share, self.transient_repeats
+        if lost_share > 0 and execution <= lost_repeats and unit_draw(seed, "lost", custom_id) < lost_share:
+            return LOST
+        if (
+            transient_share > 0
+            and execution <= transient_repeats
+            and unit_draw(seed, "transient", custom_id) < transient_share
+        ):
+            return RATE_LIMITED if unit_draw(seed, "transient-kind", custom_id) < 0.5 else SERVER_ERROR
+        return None
+
     def should_fail_request(self) -> bool:
         """Draw whether one request inside a batch fails (according to :attr:`fail_share`)."""
         with self._lock:
@@ -332,8 +459,14 @@ class FaultInjector:
         with self._lock:
             self._rules.clear()
             self._stuck.clear()
+            self._stalled.clear()
             self.fail_share = 0.0
             self.cancel_delay = None
+            self.transient_share = 0.0
+            self.transient_repeats = 1
+            self.lost_share = 0.0
+            self.lost_repeats = 1
+            self.stall_after = None
             self.rng.seed(self._seed)
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,18 +477,28 @@ class FaultInjector:
                 "stuck": dict(self._stuck),
                 "fail_share": self.fail_share,
                 "cancel_delay": self.cancel_delay,
+                "transient_share": self.transient_share,
+                "transient_repeats": self.transient_repeats,
+                "lost_share": self.lost_share,
+                "lost_repeats": self.lost_repeats,
+                "stall_after": self.stall_after,
+                "stalled": dict(self._stalled),
             }
 
     def configure(self, data: dict[str, Any], *, replace: bool = True) -> None:
-        """Apply a JSON document ``{rules, stuck, fail_share, cancel_delay}`` or a single rule.
+        """Apply a JSON document or a single rule.
+
+        The document: ``{rules, stuck, fail_share, cancel_delay, transient_share, transient_repeats,
+        lost_share, lost_repeats, stall_after, stalled}``, every key optional; ``stalled`` maps a batch id,
+        ``"*"`` or ``"next"`` to the request count after which it stalls.
 
         :param data: either a rule dict (has ``route``) or the full document.
-        :param replace: with a full document, drop existing rules first.
+        :param replace: with a full document, drop existing rules, stuck and stalled batches first.
         """
         if "route" in data:
             self.add_rule(rule_from_dict(data))
             return
-        unknown = set(data) - {"rules", "stuck", "fail_share", "cancel_delay"}
+        unknown = set(data) - _DOCUMENT_KEYS
         if unknown:
             raise ValueError("unknown keys: {}".format(", ".join(sorted(unknown))))
         rules = [rule_from_dict(r) for r in data.get("rules") or []]
@@ -363,10 +506,24 @@ class FaultInjector:
         for status in stuck.values():
             if str(status).lower() not in STICKABLE_STATUSES:
                 raise ValueError(f"cannot stick in {status!r}")
+        stalled = {str(k): _count(f"stalled[{k!r}]", v) for k, v in (data.get("stalled") or {}).items()}
+        scalars: dict[str, Any] = {}
+        for key in ("transient_share", "lost_share"):
+            if key in data:
+                scalars[key] = _share(key, data[key])
+        for key in ("transient_repeats", "lost_repeats"):
+            if key in data:
+                scalars[key] = _count(key, data[key])
+        if "stall_after" in data:
+            scalars["stall_after"] = _count("stall_after", data["stall_after"], allow_none=True)
         with self._lock:
             if replace:
                 self._rules.clear()
                 self._stuck.clear()
+                self._stalled.clear()
+            for key, value in scalars.items():
+                setattr(self, key, value)
+            self._stalled.update(stalled)  # type: ignore[arg-type]
             for rule in rules:
                 self.add_rule(rule)
             for batch_id, status in stuck.items():

@@ -11,7 +11,9 @@ runs in another.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -34,7 +36,7 @@ from airflow_provider_kluster.emulator.completions import (
     default_model_ids,
     validate_input_file,
 )
-from airflow_provider_kluster.emulator.faults import FaultInjector
+from airflow_provider_kluster.emulator.faults import LOST, RATE_LIMITED, FaultInjector
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -64,6 +66,13 @@ _TIMESTAMP_FIELDS = (
 )
 _POLL = 0.02
 _CHUNK_MAX = 256
+_COPY_CHUNK = 1024 * 1024
+
+#: Largest part ``POST /v1/uploads/{id}/parts`` accepts (64 MB), and largest upload (8 GB).
+MAX_PART_BYTES = 64 * 1024 * 1024
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024 * 1024
+#: Purposes an upload may declare.
+UPLOAD_PURPOSES = frozenset({"batch", "fine-tune"})
 
 
 def new_object_id() -> str:
@@ -95,6 +104,12 @@ class EmulatorConfig:
     :param models: model ids served by ``/v1/models`` and accepted in requests.
     :param max_file_bytes: largest accepted upload.
     :param empty_json_body_500: reproduce the cancel quirk (JSON content type + empty body → HTTP 500).
+    :param prices: per-model overrides of the ``pricing`` served by ``GET /v1/models?extended=true``, in the
+        API's shape and unit (USD per token), merged over the defaults of
+        :mod:`airflow_provider_kluster.emulator.models` key by key.
+    :param max_part_bytes: largest part of a multipart upload (``/v1/uploads``; 64 MB).
+    :param max_upload_bytes: largest multipart upload (8 GB; ``max_file_bytes`` does not apply to uploads).
+    :param upload_ttl: seconds until an upload expires (1 hour), divided by ``speedup``.
     """
 
     api_key: str = "test-key"
@@ -111,6 +126,10 @@ class EmulatorConfig:
     models: list[str] = field(default_factory=default_model_ids)
     max_file_bytes: int = 100 * 1024 * 1024
     empty_json_body_500: bool = True
+    prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_part_bytes: int = MAX_PART_BYTES
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    upload_ttl: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.timestamps not in ("kluster", "int"):
@@ -119,6 +138,10 @@ class EmulatorConfig:
             raise ValueError("requests_per_second must be positive")
         if self.speedup <= 0:
             raise ValueError("speedup must be positive")
+        if self.max_part_bytes <= 0 or self.max_upload_bytes <= 0:
+            raise ValueError("max_part_bytes and max_upload_bytes must be positive")
+        if self.upload_ttl <= 0:
+            raise ValueError("upload_ttl must be positive")
 
 
 @dataclass
@@ -158,6 +181,45 @@ class BatchRecord:
     err_path: Path | None = None
     out_fh: IO[bytes] | None = None
     err_fh: IO[bytes] | None = None
+    #: Requests executed but lost (in neither file), see :attr:`FaultInjector.lost_share`.
+    lost: int = 0
+
+
+class UploadError(ValueError):
+    """A refused uploads call (HTTP 400); :attr:`code` says why (``expired``, ``bytes_mismatch``, ...)."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class UploadPart:
+    """One stored part of a multipart upload."""
+
+    id: str
+    upload_id: str
+    bytes: int
+    created_at: float
+    path: Path
+
+
+@dataclass
+class UploadRecord:
+    """State of a multipart upload (``/v1/uploads``); parts live on disk under ``data_dir/uploads/<id>``."""
+
+    id: str
+    bytes: int
+    filename: str
+    purpose: str
+    mime_type: str
+    created_at: float
+    expires_at: float
+    status: str = "pending"
+    parts: dict[str, UploadPart] = field(default_factory=dict)
+    file_id: str | None = None
+    part_ids: list[str] | None = None
+    complete_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class KlusterEmulator:
@@ -171,7 +233,7 @@ class KlusterEmulator:
         if overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
-        self._initial_config = dataclasses.replace(config)
+        self._initial_config = copy.deepcopy(config)
         if config.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="kluster-emulator-"))
             self._owns_data_dir = True
@@ -183,6 +245,9 @@ class KlusterEmulator:
         self._lock = threading.RLock()
         self._files: dict[str, FileRecord] = {}
         self._batches: dict[str, BatchRecord] = {}
+        self._uploads: dict[str, UploadRecord] = {}
+        #: Executions of each custom_id, over every batch (per-request faults depend on it).
+        self._executions: Counter[str] = Counter()
         self._counters: Counter[str] = Counter()
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -217,12 +282,13 @@ class KlusterEmulator:
             self._counters[key] += n
 
     def reset(self) -> None:
-        """Forget every file, batch, fault and counter (running batch tasks are cancelled).
+        """Forget every file, batch, upload, fault, counter and execution count (batch tasks are cancelled).
 
-        Configuration fields changed since construction (``emulator.config.speedup = ...``) are restored.
+        Configuration fields changed since construction (``emulator.config.speedup = ...``, also in place:
+        ``emulator.config.prices[...] = ...``) are restored.
         """
         with self._lock:
-            self.config = dataclasses.replace(self._initial_config)
+            self.config = copy.deepcopy(self._initial_config)
             tasks = list(self._tasks)
             self._tasks.clear()
             for batch in self._batches.values():
@@ -230,6 +296,8 @@ class KlusterEmulator:
             files = list(self._files.values())
             self._files.clear()
             self._batches.clear()
+            self._uploads.clear()
+            self._executions.clear()
             self._counters.clear()
             self.faults.clear()
         self._cancel_tasks(tasks)
@@ -240,7 +308,7 @@ class KlusterEmulator:
                 rec.path.unlink(missing_ok=True)
             except OSError:  # pragma: no cover - best effort
                 log.debug("could not remove %s", rec.path)
-        for sub in ("files", "batches"):
+        for sub in ("files", "batches", "uploads"):
             shutil.rmtree(self.data_dir / sub, ignore_errors=True)
 
     def close(self) -> None:
@@ -439,6 +507,236 @@ class KlusterEmulator:
                 log.debug("could not remove %s", rec.path)
         return True
 
+    # ------------------------------------------------------------------ multipart uploads
+    def upload_json(self, rec: UploadRecord) -> dict[str, Any]:
+        """The upload object as served by ``/v1/uploads`` (integer timestamps, as kluster's examples show).
+
+        ``file`` (the new file object) is present once the upload is completed.
+        """
+        with self._lock:
+            data: dict[str, Any] = {
+                "id": rec.id,
+                "object": "upload",
+                "bytes": rec.bytes,
+                "created_at": int(rec.created_at),
+                "filename": rec.filename,
+                "purpose": rec.purpose,
+                "status": rec.status,
+                "expires_at": int(rec.expires_at),
+            }
+            file = self._files.get(rec.file_id) if rec.file_id else None
+        if file is not None:
+            data["file"] = dict(self.file_json(file), created_at=int(file.created_at))
+        return data
+
+    @staticmethod
+    def part_json(part: UploadPart) -> dict[str, Any]:
+        """The upload part object (``{id, object: "upload.part", created_at, upload_id}``)."""
+        return {
+            "id": part.id,
+            "object": "upload.part",
+            "created_at": int(part.created_at),
+            "upload_id": part.upload_id,
+        }
+
+    def get_upload(self, upload_id: str) -> UploadRecord | None:
+        """Upload record, or ``None``."""
+        with self._lock:
+            return self._uploads.get(upload_id)
+
+    def create_upload(self, *, bytes: Any, filename: Any, mime_type: Any, purpose: Any) -> UploadRecord:
+        """Start a multipart upload of ``bytes`` bytes (``POST /v1/uploads``); it expires after ``upload_ttl``.
+
+        :raises UploadError: a missing or invalid field, or more than ``max_upload_bytes``.
+        """
+        if isinstance(bytes, bool) or not isinstance(bytes, (int, float)) or int(bytes) != bytes or bytes < 0:
+            raise UploadError("'bytes' must be a non-negative integer.")
+        if not isinstance(filename, str) or not filename:
+            raise UploadError("'filename' is required.")
+        if not isinstance(mime_type, str) or not mime_type:
+            raise UploadError("'mime_type' is required.")
+        if purpose not in UPLOAD_PURPOSES:
+            raise UploadError(
+                f"Invalid purpose {purpose!r}: use one of {', '.join(sorted(UPLOAD_PURPOSES))}."
+            )
+        limit = self.config.max_upload_bytes
+        if bytes > limit:
+            raise UploadError(f"Upload too large: the limit is {limit} bytes.", "too_large")
+        now = time.time()
+        rec = UploadRecord(
+            id=f"upload_{secrets.token_hex(12)}",
+            bytes=int(bytes),
+            filename=filename,
+            purpose=purpose,
+            mime_type=mime_type,
+            created_at=now,
+            expires_at=now + self.config.upload_ttl / self.config.speedup,
+        )
+        with self._lock:
+            self._uploads[rec.id] = rec
+            self._counters["uploads_created"] += 1
+        return rec
+
+    def _upload_dir(self, upload_id: str) -> Path:
+        return self.data_dir / "uploads" / upload_id
+
+    def _pending_upload_locked(self, upload_id: str, action: str) -> UploadRecord:
+        """The upload, if it still takes parts (lock held); expire it when its time is up."""
+        rec = self._uploads.get(upload_id)
+        if rec is None:
+            raise KeyError(upload_id)
+        if rec.status == "pending" and time.time() >= rec.expires_at:
+            rec.status = "expired"
+            rec.parts.clear()
+            shutil.rmtree(self._upload_dir(rec.id), ignore_errors=True)
+            log.info("upload %s expired", rec.id)
+        if rec.status == "expired":
+            raise UploadError(f"Upload {upload_id} has expired: cannot {action}.", "expired")
+        if rec.status != "pending":
+            raise UploadError(f"Upload {upload_id} is {rec.status}: cannot {action}.", rec.status)
+        return rec
+
+    def new_part_target(self, upload_id: str) -> tuple[str, Path]:
+        """Allocate an id and a disk path for a new part of a pending upload.
+
+        :raises KeyError: unknown upload.
+        :raises UploadError: the upload is expired, cancelled or completed.
+        """
+        with self._lock:
+            self._pending_upload_locked(upload_id, "add a part")
+        part_id = f"part_{secrets.token_hex(12)}"
+        folder = self._upload_dir(upload_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        return part_id, folder / part_id
+
+    def register_part(self, upload_id: str, part_id: str, path: Path) -> UploadPart:
+        """Record a part already written to ``path`` (removed if the upload stopped taking parts meanwhile).
+
+        :raises KeyError: unknown upload.
+        :raises UploadError: the upload is no longer pending, or its parts would pass ``max_upload_bytes``.
+        """
+        size = path.stat().st_size
+        try:
+            with self._lock:
+                rec = self._pending_upload_locked(upload_id, "add a part")
+                stored = sum(p.bytes for p in rec.parts.values())
+                if stored + size > self.config.max_upload_bytes:
+                    raise UploadError(
+                        f"Upload {upload_id} would pass {self.config.max_upload_bytes} bytes.", "too_large"
+                    )
+                part = UploadPart(
+                    id=part_id, upload_id=upload_id, bytes=size, created_at=time.time(), path=path
+                )
+                rec.parts[part_id] = part
+                self._counters["upload_parts"] += 1
+                return part
+        except (KeyError, UploadError):
+            path.unlink(missing_ok=True)
+            raise
+
+    def add_upload_part(self, upload_id: str, data: bytes) -> UploadPart:
+        """Add a part without HTTP (Python API; the route streams to disk instead).
+
+        :raises UploadError: more than ``max_part_bytes``, or the upload no longer takes parts.
+        """
+        if len(data) > self.config.max_part_bytes:
+            raise UploadError(
+                f"Part too large: the limit is {self.config.max_part_bytes} bytes.", "too_large"
+            )
+        part_id, path = self.new_part_target(upload_id)
+        path.write_bytes(data)
+        return self.register_part(upload_id, part_id, path)
+
+    def complete_upload(self, upload_id: str, part_ids: Any, md5: Any = None) -> UploadRecord:
+        """Concatenate the parts in the order of ``part_ids`` into a new file (blocking: run it in a thread).
+
+        Completing an upload that is already completed with the same ``part_ids`` returns it unchanged, with
+        the same file: a client whose answer was lost may ask again without getting a second file. Two
+        concurrent completes of one upload run one after the other.
+
+        :raises KeyError: unknown upload.
+        :raises UploadError: expired, cancelled, completed with other parts, an unknown or repeated part id,
+            a byte total other than the declared ``bytes``, or an ``md5`` that does not match.
+        """
+        if not isinstance(part_ids, list) or not all(isinstance(p, str) for p in part_ids):
+            raise UploadError("'part_ids' must be a list of part ids.")
+        if md5 is not None and not isinstance(md5, str):
+            raise UploadError("'md5' must be a string.")
+        with self._lock:
+            rec = self._uploads.get(upload_id)
+            if rec is None:
+                raise KeyError(upload_id)
+        with rec.complete_lock:
+            with self._lock:
+                if rec.status == "completed":
+                    if rec.part_ids == part_ids:
+                        return rec
+                    raise UploadError(
+                        f"Upload {upload_id} is already completed with other parts.", "completed"
+                    )
+                self._pending_upload_locked(upload_id, "complete it")
+                if len(set(part_ids)) != len(part_ids):
+                    raise UploadError("'part_ids' lists a part twice.")
+                unknown = [p for p in part_ids if p not in rec.parts]
+                if unknown:
+                    raise UploadError(f"Unknown part ids for upload {upload_id}: {', '.join(unknown[:5])}.")
+                parts = [rec.parts[p] for p in part_ids]
+                total = sum(p.bytes for p in parts)
+                if total != rec.bytes:
+                    raise UploadError(
+                        f"The parts hold {total} bytes, but upload {upload_id} was created for {rec.bytes} bytes.",
+                        "bytes_mismatch",
+                    )
+            file_id, dest, server_name = self.new_upload_target(rec.filename)
+            digest = hashlib.md5(usedforsecurity=False)
+            try:
+                with open(dest, "wb") as out:
+                    for part in parts:
+                        with open(part.path, "rb") as src:
+                            while chunk := src.read(_COPY_CHUNK):
+                                digest.update(chunk)
+                                out.write(chunk)
+            except OSError:
+                self.discard_upload(dest)
+                raise
+            if md5 is not None and md5.lower() != digest.hexdigest():
+                self.discard_upload(dest)
+                raise UploadError(
+                    f"md5 mismatch for upload {upload_id}: the parts hash to {digest.hexdigest()}.",
+                    "md5_mismatch",
+                )
+            with self._lock:
+                if rec.status != "pending":  # cancelled (or expired) while the parts were being joined
+                    self.discard_upload(dest)
+                    raise UploadError(f"Upload {upload_id} is {rec.status}: cannot complete it.", rec.status)
+                file = self.register_file(file_id, dest, filename=server_name, purpose=rec.purpose)
+                rec.status = "completed"
+                rec.file_id = file.id
+                rec.part_ids = list(part_ids)
+                rec.parts.clear()
+                self._counters["uploads_completed"] += 1
+            shutil.rmtree(self._upload_dir(rec.id), ignore_errors=True)
+            log.info("upload %s completed as file %s (%d bytes)", rec.id, file.id, file.bytes)
+            return rec
+
+    def cancel_upload(self, upload_id: str) -> UploadRecord:
+        """Cancel a pending upload and drop its parts (cancelling a cancelled upload returns it).
+
+        :raises KeyError: unknown upload.
+        :raises UploadError: the upload is completed or expired.
+        """
+        with self._lock:
+            rec = self._uploads.get(upload_id)
+            if rec is None:
+                raise KeyError(upload_id)
+            if rec.status == "cancelled":
+                return rec
+            self._pending_upload_locked(upload_id, "cancel it")
+            rec.status = "cancelled"
+            rec.parts.clear()
+        shutil.rmtree(self._upload_dir(upload_id), ignore_errors=True)
+        return rec
+
     # ------------------------------------------------------------------ batches
     def get_batch(self, batch_id: str) -> BatchRecord | None:
         """Batch record, or ``None``."""
@@ -489,6 +787,7 @@ class KlusterEmulator:
         with self._lock:
             self._batches[batch.id] = batch
             self._counters["batches_created"] += 1
+        self.faults.claim_next_stall(batch.id)
         self._spawn(self._run_batch(batch))
         return batch
 
@@ -720,7 +1019,9 @@ class KlusterEmulator:
                         return False
                     if self._expire_if_due(batch):
                         return False
-                    if self.faults.is_stuck(batch.id, "in_progress"):
+                    limit = self.faults.stall_limit(batch.id)
+                    if self.faults.is_stuck(batch.id, "in_progress") or (limit is not None and done >= limit):
+                        # stuck or stalled: stay in_progress, process nothing, keep the counts frozen
                         await asyncio.sleep(_POLL)
                         start = time.monotonic() - done / rps
                         continue
@@ -728,14 +1029,19 @@ class KlusterEmulator:
                     if allowed <= 0:
                         await asyncio.sleep(min(_POLL, (done + 1) / rps - (time.monotonic() - start)))
                         continue
-                    chunk = list(itertools.islice(lines, min(allowed, _CHUNK_MAX)))
+                    take = min(allowed, _CHUNK_MAX)
+                    if limit is not None:
+                        take = min(take, limit - done)
+                    chunk = list(itertools.islice(lines, take))
                     if not chunk:
                         return True
-                    results = await self._execute(chunk, upstream)
+                    answered = await self._execute(chunk, upstream)
+                    results = [r for r in answered if r is not None]
                     rng.shuffle(results)
                     with self._lock:
                         if not self._alive(batch) or batch.status != "in_progress" or batch.out_fh is None:
                             return False
+                        batch.lost += len(answered) - len(results)
                         for ok, line in results:
                             data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
                             if ok:
@@ -754,12 +1060,26 @@ class KlusterEmulator:
             if upstream is not None:
                 await upstream.aclose()
 
-    async def _execute(self, chunk: list[bytes], upstream: Any) -> list[tuple[bool, dict[str, Any]]]:
-        """Run one chunk of request lines; return ``(succeeded, output line)`` pairs."""
+    def executions(self, custom_id: str | None = None) -> Any:
+        """How many times the emulator has executed a request, by ``custom_id``, over every batch.
+
+        :param custom_id: one request's id; ``None`` returns a ``{custom_id: count}`` copy of all of them.
+        """
+        with self._lock:
+            if custom_id is None:
+                return dict(self._executions)
+            return self._executions.get(custom_id, 0)
+
+    async def _execute(self, chunk: list[bytes], upstream: Any) -> list[tuple[bool, dict[str, Any]] | None]:
+        """Run one chunk of request lines; return ``(succeeded, output line)`` pairs (``None``: lost)."""
         models = set(self.config.models)
 
-        async def one(raw: bytes) -> tuple[bool, dict[str, Any]]:
+        async def one(raw: bytes) -> tuple[bool, dict[str, Any]] | None:
             req = json.loads(raw)
+            custom_id = str(req["custom_id"])
+            with self._lock:
+                self._executions[custom_id] += 1
+                execution = self._executions[custom_id]
             body = req["body"]
             line_id = f"batch_req_{secrets.token_hex(12)}"
             request_id = f"req_{secrets.token_hex(12)}"
@@ -781,6 +1101,24 @@ class KlusterEmulator:
                     "The model `{}` does not exist.".format(body["model"]),
                     "invalid_request_error",
                     "model_not_found",
+                )
+            fate = self.faults.request_fate(custom_id, execution)
+            if fate == LOST:
+                return None
+            if fate == RATE_LIMITED:
+                return error(
+                    429,
+                    "Rate limit exceeded: too many requests (injected by the emulator, transient_share).",
+                    "rate_limit_exceeded",
+                    "rate_limit_exceeded",
+                )
+            if fate is not None:
+                return error(
+                    500,
+                    "The server had an error processing the request (injected by the emulator, "
+                    "transient_share).",
+                    "server_error",
+                    "server_error",
                 )
             if self.faults.should_fail_request():
                 return error(500, "Injected failure (emulator fail_share).", "server_error", "internal_error")
