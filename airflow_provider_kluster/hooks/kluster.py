@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
+import os
 import pathlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -65,6 +67,10 @@ _T = TypeVar("_T")
 
 DOWNLOAD_CHUNK = 1024 * 1024
 LIST_PAGE_SIZE = 100
+#: Largest part kluster.ai's uploads API accepts, and the default part size of multipart uploads (64 MB).
+UPLOAD_PART_SIZE = 64 * 1024 * 1024
+#: MIME type declared for multipart uploads (the one in kluster's uploads example).
+UPLOAD_MIME_TYPE = "text/jsonl"
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0")
 
@@ -461,6 +467,14 @@ class KlusterHook(BaseHook):
         data = self._json("get", "/models", call="list models")
         return [str(m["id"]) for m in data.get("data") or [] if isinstance(m, dict) and m.get("id")]
 
+    def list_models_extended(self) -> list[dict[str, Any]]:
+        """Return the raw model objects of ``GET /models?extended=true`` (pricing, limits, context length...).
+
+        Only the dicts of the ``data`` list, as kluster.ai sent them; prices are USD per token.
+        """
+        data = self._json("get", "/models", call="list models", options={"params": {"extended": "true"}})
+        return [m for m in data.get("data") or [] if isinstance(m, dict)]
+
     def test_connection(self) -> tuple[bool, str]:
         """Check the connection by listing models; say clearly when the key is rejected."""
         try:
@@ -483,6 +497,8 @@ class KlusterHook(BaseHook):
         *,
         filename: str | None = None,
         find_created: Callable[[], str | None] | None = None,
+        multipart_threshold: int | None = None,
+        part_size: int = UPLOAD_PART_SIZE,
     ) -> str:
         """Upload a local file or ObjectStoragePath, streamed from a file handle; return the file id.
 
@@ -490,9 +506,22 @@ class KlusterHook(BaseHook):
         by the operators, which name uploads after task and input) says whether kluster.ai stored it anyway;
         without it the error is raised. Each attempt re-reads the file from its start, so a dropped connection
         never uploads a truncated file.
+
+        A file larger than ``multipart_threshold`` bytes (default ``None``: never) goes through kluster.ai's
+        uploads API instead (``/uploads``, up to 8 GB; the 100 MB limit of ``/files`` does not apply), in
+        parts of ``part_size`` bytes (at most 64 MB) streamed from the file handle; see
+        :meth:`_upload_multipart` for what is retried.
         """
         source = as_path(path)
         name = filename or source.name
+        if multipart_threshold is not None:
+            if not 0 < part_size <= UPLOAD_PART_SIZE:
+                raise KlusterConfigError(
+                    f"part_size must be between 1 and {UPLOAD_PART_SIZE} bytes, got {part_size}."
+                )
+            size = _size_of(source)
+            if size is not None and size > multipart_threshold:
+                return self._upload_multipart(source, name, purpose, size, part_size, find_created)
         file_id = self._create_without_duplicates(
             lambda: self._upload_once(source, name, purpose), find_created, what="file upload"
         )
@@ -525,6 +554,166 @@ class KlusterHook(BaseHook):
             )
         self.log.info("Uploaded %s as kluster.ai file %s (%s bytes)", source, data["id"], data.get("bytes"))
         return str(data["id"])
+
+    def _upload_multipart(
+        self,
+        source: Any,
+        name: str,
+        purpose: str,
+        size: int,
+        part_size: int,
+        find_created: Callable[[], str | None] | None,
+    ) -> str:
+        """Upload through ``/uploads`` in parts; return the id of the file the completed upload made.
+
+        What is retried, and why it cannot make two files:
+
+        * creating the upload and sending each part use the client's retries: a retry after a lost answer
+          leaves at most an unused upload (it expires after an hour) or an unused part (only the part ids
+          named in ``complete`` make up the file). A part is re-read from the file for every attempt.
+        * ``complete`` is not retried blindly: after a transient error ``find_created`` (if given) is asked
+          whether the file exists, then ``complete`` is sent again **for the same upload with the same
+          parts** (never a new upload): an upload completes at most once, so this cannot make a second
+          file; the emulator answers a repeated complete with the same file. If the server instead refuses
+          the repeat (HTTP 400), the error says that the first attempt may have made the file.
+        * on any other failure the upload is cancelled (best effort) so its parts are dropped.
+
+        The MD5 of the whole file, computed while the parts are read, is sent with ``complete``.
+        """
+        where = str(source)
+        created = self._raw_json(
+            lambda: self.client.uploads.with_raw_response.create(
+                bytes=size,
+                filename=name,
+                mime_type=UPLOAD_MIME_TYPE,
+                purpose=purpose,  # type: ignore[arg-type]
+            ),
+            "create upload for",
+            where,
+        )
+        upload_id = str(created.get("id") or "")
+        if not upload_id:
+            raise KlusterAPIError(
+                f"kluster.ai returned no upload id for {source}.", call="create upload for", resource_id=where
+            )
+        count = -(-size // part_size)
+        self.log.info(
+            "Uploading %s (%d bytes) as kluster.ai upload %s in %d parts", source, size, upload_id, count
+        )
+        digest = _PrefixDigest()
+        part_ids: list[str] = []
+        try:
+            with source.open("rb") as handle:
+                for index, start in enumerate(range(0, size, part_size), start=1):
+                    reader = _PartReader(handle, start, min(part_size, size - start), digest)
+                    part = self._raw_json(
+                        lambda reader=reader: self.client.uploads.parts.with_raw_response.create(  # type: ignore[misc]
+                            upload_id, data=(name, reader)
+                        ),
+                        f"upload part {index} of {count} of",
+                        upload_id,
+                    )
+                    if not part.get("id"):
+                        raise KlusterAPIError(
+                            f"kluster.ai returned no part id for part {index} of upload {upload_id}.",
+                            call="upload part",
+                            resource_id=upload_id,
+                        )
+                    part_ids.append(str(part["id"]))
+                    self.log.debug("Sent part %d of %d of upload %s", index, count, upload_id)
+            md5 = digest.hexdigest() if digest.upto == size else None
+            return self._complete_upload(upload_id, part_ids, md5, where, find_created)
+        except FileNotFoundError:
+            self._cancel_upload(upload_id)
+            raise KlusterConfigError(f"Cannot upload {source}: no such file.") from None
+        except BaseException:
+            self._cancel_upload(upload_id)
+            raise
+
+    def _complete_upload(
+        self,
+        upload_id: str,
+        part_ids: list[str],
+        md5: str | None,
+        where: str,
+        find_created: Callable[[], str | None] | None,
+    ) -> str:
+        attempts = self.settings.max_retries + 1
+        lost_answer = False
+        body: dict[str, Any] = {"part_ids": part_ids, **({"md5": md5} if md5 else {})}
+        for attempt in range(1, attempts + 1):
+            try:
+                data = self._raw_json(
+                    lambda: self.client_without_retries.uploads.with_raw_response.complete(upload_id, **body),
+                    "complete upload",
+                    upload_id,
+                )
+                break
+            except KlusterAPIError as exc:
+                if not exc.is_transient:
+                    if lost_answer:
+                        exc.message += (
+                            f" An earlier complete of this upload had no answer: kluster.ai may have stored the "
+                            f"file of {where} anyway; check its files before uploading again."
+                        )
+                        exc.args = (exc.message,)
+                    raise
+                lost_answer = True
+                found = find_created() if find_created is not None else None
+                if found is not None:
+                    self.log.warning(
+                        "The answer to completing upload %s was lost (%s), but the file exists: reusing %s",
+                        upload_id,
+                        exc.message,
+                        found,
+                    )
+                    return found
+                if attempt == attempts:
+                    raise
+                delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+                self.log.warning(
+                    "Completing upload %s failed (%s); asking again for the same upload in %.1fs (%d of %d)",
+                    upload_id,
+                    exc.message,
+                    delay,
+                    attempt + 1,
+                    attempts,
+                )
+                time.sleep(delay)
+        file = data.get("file")
+        file_id = file.get("id") if isinstance(file, dict) else None
+        if not file_id:
+            raise KlusterAPIError(
+                f"kluster.ai completed upload {upload_id} of {where} but named no file (status "
+                f"{redact(str(data.get('status'))[:50], self._secret())}).",
+                call="complete upload",
+                resource_id=upload_id,
+            )
+        self.log.info("Uploaded %s as kluster.ai file %s (upload %s)", where, file_id, upload_id)
+        return str(file_id)
+
+    def _cancel_upload(self, upload_id: str) -> None:
+        """Cancel an unfinished upload, best effort (it expires after an hour anyway)."""
+        try:
+            self._raw_json(
+                lambda: self.client_without_retries.uploads.with_raw_response.cancel(upload_id),
+                "cancel upload",
+                upload_id,
+            )
+        except KlusterAPIError as exc:
+            self.log.warning("Could not cancel unfinished upload %s: %s", upload_id, exc.message)
+
+    def _raw_json(self, request: Callable[[], Any], call: str, resource_id: str | None) -> Any:
+        """Run an SDK ``with_raw_response`` call; return its JSON object, errors mapped like :meth:`_json`."""
+        try:
+            data = request().http_response.json()
+        except (openai.OpenAIError, httpx2.TransportError) as exc:
+            error = self._error(exc, call, resource_id)
+        except ValueError as exc:  # a body that is not JSON
+            error = _malformed(exc, call, resource_id)
+        else:
+            return _expect_object(data, call, resource_id)
+        raise error  # outside the except block: no __context__ (the client's error, its body)
 
     def get_file(self, file_id: str) -> dict[str, Any]:
         """Return a file object: ``{id, object, bytes, created_at, filename, purpose}``."""
@@ -726,6 +915,78 @@ class KlusterHook(BaseHook):
                 break
             result.append(batch)
         return result
+
+
+def _size_of(source: Any) -> int | None:
+    """Size of a local file or ObjectStoragePath in bytes, or ``None`` if unknown (missing: the upload says so)."""
+    try:
+        return int(source.stat().st_size)
+    except Exception:
+        return None
+
+
+class _PrefixDigest:
+    """MD5 of a file's bytes fed in order: bytes read again (a retried part) are not hashed twice."""
+
+    def __init__(self) -> None:
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self.upto = 0
+
+    def feed(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if offset <= self.upto < end:
+            self._md5.update(data[self.upto - offset :])
+            self.upto = end
+
+    def hexdigest(self) -> str:
+        return self._md5.hexdigest()
+
+
+class _PartReader(io.RawIOBase):
+    """A read-only window ``[start, start + length)`` of an open file, for one multipart-upload part.
+
+    httpx streams it in 64 KB chunks and learns its length from ``seek``/``tell`` (it has no ``fileno``, so
+    the whole file's size is never taken for the part's); it rewinds it with ``seek(0)`` for each attempt.
+    """
+
+    def __init__(self, handle: Any, start: int, length: int, digest: _PrefixDigest) -> None:
+        super().__init__()
+        self._handle = handle
+        self._start = start
+        self._length = length
+        self._pos = 0
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + offset, 0), self._length)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        remaining = self._length - self._pos
+        if size is None or size < 0 or size > remaining:
+            size = remaining
+        if size <= 0:
+            return b""
+        self._handle.seek(self._start + self._pos)
+        data = self._handle.read(size)
+        self._digest.feed(self._start + self._pos, data)
+        self._pos += len(data)
+        return bytes(data)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _malformed(exc: Exception, call: str, resource_id: str | None) -> KlusterTransientAPIError:
