@@ -72,6 +72,7 @@ def validate_request_file(
     max_bytes: int | None = MAX_FILE_BYTES,
     known_models: Collection[str] | None = None,
     max_errors: int = 20,
+    check_duplicates: bool = True,
 ) -> RequestFileSummary:
     """Check a request file line by line and summarise it; raise with every problem found, by line.
 
@@ -80,6 +81,8 @@ def validate_request_file(
     :param max_bytes: Largest file allowed; ``None`` for no limit. 100 MB is kluster.ai's per-file limit.
     :param known_models: Model ids available to the account; when given, every ``body.model`` must be one.
     :param max_errors: Stop reading after this many problems.
+    :param check_duplicates: Refuse a ``custom_id`` used twice (with one 8-byte digest per id in memory);
+        ``False`` leaves that to the caller (the job operator checks it on disk, for inputs of any size).
     :raises KlusterRequestFileError: The file is invalid; ``errors`` lists each problem.
     :return: The file's summary.
     """
@@ -88,6 +91,7 @@ def validate_request_file(
     if too_big:
         _raise_problems(source, [too_big], truncated=False)
     checker = _LineChecker(known_models=known_models, max_errors=max_errors)
+    checker.check_duplicates = check_duplicates
     digest = hashlib.sha256()
     size = requests = 0
     with _open_request_file(source) as handle:
@@ -342,6 +346,7 @@ class _LineChecker:
         self._max_errors = max(1, max_errors)
         self._known = None if known_models is None else frozenset(known_models)
         self._seen: set[int] = set()
+        self.check_duplicates = True
         self._duplicates: dict[int, tuple[int, int, str]] = {}  # problem index -> (digest, line, custom_id)
 
     def add_problem(self, problem: str) -> None:
@@ -415,6 +420,8 @@ class _LineChecker:
             return
         if not isinstance(custom_id, str) or not custom_id:
             self.add_line_problem(lineno, f"custom_id must be a non-empty string, got {_shown(custom_id)}")
+            return
+        if not self.check_duplicates:
             return
         digest = _id_digest(custom_id)
         if digest not in self._seen:

@@ -31,6 +31,7 @@ PURE = [
     "masking",
     "parameters",
     "cancelling",
+    "jobs",
     "pricing",
 ]
 BANNED = ("openai", "httpx2", "airflow_provider_kluster.hooks")
