@@ -314,8 +314,11 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     # whole jobs
     "max_file_bytes": lambda n, v: check_int(n, v, minimum=1024, none_means="for no limit"),
     "max_concurrent_batches": lambda n, v: check_int(n, v, none_means="for no limit"),
+    "multipart_threshold": lambda n, v: check_int(n, v, none_means="to upload every file in one request"),
     "max_attempts": lambda n, v: check_int(n, v),
-    "stall_timeout": lambda n, v: check_positive_number(n, v, unit="seconds", none_means="to never give up on a stalled batch"),
+    "stall_timeout": lambda n, v: check_positive_number(
+        n, v, unit="seconds", none_means="to never give up on a stalled batch"
+    ),
     "max_cost": lambda n, v: check_positive_number(n, v, unit="USD", none_means="for no budget"),
     "default_completion_tokens": lambda n, v: check_int(n, v),
     # switches

@@ -11,7 +11,12 @@ from tests.conftest import TEST_API_KEY, conn_json
 from tests.helpers import REPO
 
 EXAMPLE_DAGS = REPO / "example_dags"
-DAG_IDS = ["kluster_batch_inference", "kluster_batch_one_operator", "kluster_batch_mapped"]
+DAG_IDS = [
+    "kluster_batch_inference",
+    "kluster_batch_one_operator",
+    "kluster_batch_mapped",
+    "kluster_batch_job",
+]
 
 
 @pytest.fixture
@@ -51,8 +56,13 @@ def test_example_dag_runs_end_to_end(dag_id, example_env, emulator, capsys):
     batches = [emulator.emulator.get_batch_raw(b) for b in emulator.emulator.list_batch_ids()]
     assert batches
     assert {b["status"] for b in batches} == {"completed"}
-    manifests = list(example_env.rglob("*.results.jsonl"))
-    assert len(manifests) == len(batches)
+    if dag_id == "kluster_batch_job":  # one merged file for the whole job, one record per request
+        (merged,) = example_env.rglob("job/*/results.jsonl")
+        assert len(merged.read_text().splitlines()) == 30
+        assert len(batches) == 3
+    else:
+        manifests = list(example_env.rglob("*.results.jsonl"))
+        assert len(manifests) == len(batches)
     out = capsys.readouterr()
     assert TEST_API_KEY not in out.out + out.err
 

@@ -138,7 +138,10 @@ class KlusterBatchJobOperator(BaseOperator):
     :param kluster_options: ``greedy``, ``strict_completion_window``, ``remove_input_after_processing``.
     :param check_models: Check every model against ``list_models()`` before uploading.
     :param max_requests: Requests per batch (your plan's limit); ``None`` for one shard by size only.
-    :param max_file_bytes: Bytes per uploaded shard (kluster's limit is 100 MB).
+    :param max_file_bytes: Bytes per uploaded shard (kluster's limit for one upload is 100 MB).
+    :param multipart_threshold: Upload shards larger than this many bytes through kluster's uploads API (up to
+        8 GB, in parts of up to 64 MB); ``None`` always uploads in one request. Only useful with a
+        ``max_file_bytes`` above 100 MB.
     :param max_concurrent_batches: Most batches of the job running at once; ``None`` for all at once.
     :param max_attempts: Most times one request is sent (1 never resubmits).
     :param stall_timeout: Seconds without progress after which a running batch is cancelled and its
@@ -189,6 +192,7 @@ class KlusterBatchJobOperator(BaseOperator):
         check_models: bool = True,
         max_requests: int | None = DEFAULT_MAX_REQUESTS,
         max_file_bytes: int | None = MAX_FILE_BYTES,
+        multipart_threshold: int | None = None,
         max_concurrent_batches: int | None = None,
         max_attempts: int = 3,
         stall_timeout: timedelta | float | None = None,
@@ -220,6 +224,7 @@ class KlusterBatchJobOperator(BaseOperator):
         self.max_requests = max_requests
         self.max_file_bytes = max_file_bytes
         self.max_concurrent_batches = max_concurrent_batches
+        self.multipart_threshold = multipart_threshold
         self.max_attempts = max_attempts
         self.stall_timeout = _seconds(stall_timeout)
         self.max_cost = max_cost
@@ -267,6 +272,7 @@ class KlusterBatchJobOperator(BaseOperator):
             max_requests=self.max_requests,
             max_file_bytes=self.max_file_bytes,
             max_concurrent_batches=self.max_concurrent_batches,
+            multipart_threshold=self.multipart_threshold,
             max_attempts=self.max_attempts,
             stall_timeout=self.stall_timeout,
             max_cost=self.max_cost,
@@ -836,7 +842,10 @@ class _Uploads:
             self.operator.log.info("Reusing file %s, uploaded earlier for part %s", existing, shard.label)
             return existing
         file_id = self.operator.hook.upload_file(
-            shard.path, filename=name, find_created=lambda: self._list().get(name)
+            shard.path,
+            filename=name,
+            find_created=lambda: self._list().get(name),
+            multipart_threshold=self.operator.multipart_threshold,
         )
         self._by_name[name] = file_id
         return file_id

@@ -295,3 +295,32 @@ def test_a_duplicate_custom_id_fails_before_any_upload(kluster_conn, fast, tmp_p
     ):
         job(tmp_path, input_file=str(source)).execute(context())
     assert counters(fast) == (0, 0)
+
+
+def test_large_shards_go_through_the_uploads_api_when_asked(kluster_conn, fast, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", request_lines(300))
+    op = job(tmp_path, input_file=str(source), max_requests=100, multipart_threshold=1_000)
+    manifest, _ = run_to_end(op, context())
+    assert manifest["succeeded"] == 300
+    assert fast.emulator.counters.get("uploads_completed", 0) == 3
+    assert counters(fast)[1] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("max_attempts", 0, "max_attempts"),
+        ("max_concurrent_batches", -1, "max_concurrent_batches"),
+        ("stall_timeout", 0, "stall_timeout"),
+        ("max_cost", -5, "max_cost"),
+        ("max_file_bytes", 10, "max_file_bytes"),
+        ("prices", {MODEL: {"input": "cheap"}}, "prices"),
+    ],
+)
+def test_bad_job_parameters_are_refused_before_any_call(kluster_conn, fast, tmp_path, name, value, expected):
+    from airflow_provider_kluster.exceptions import KlusterConfigError
+
+    op = job(tmp_path, requests=["hi"], model=MODEL, **{name: value})
+    with pytest.raises(KlusterConfigError, match=expected):
+        op.execute(context())
+    assert sum(fast.emulator.counters.values()) == 0
