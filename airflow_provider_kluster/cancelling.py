@@ -2,9 +2,10 @@
 
 Airflow calls a task's ``on_kill`` (and, from 3.3, a trigger's) for more reasons than a person's action: a
 triggerer that stalled past the HA hand-over has its triggers "cancelled by user action", a scheduler restart or
-lost heartbeats stop a worker with SIGTERM. Only the task instance's state, read back from Airflow after the kill,
-tells them apart, and :func:`judge_kill` turns it into a verdict: cancel (a person cleared the task or marked it
-failed, skipped or — when asked — success) or leave the batch running for the next try to reattach to.
+lost heartbeats stop a worker with SIGTERM. Only the task instance's state and try, read back from Airflow after
+the kill, tell them apart, and :func:`judge_kill` turns them into a verdict: cancel (a person cleared the task; the task
+instance failed, was skipped or removed — by a person's mark or by Airflow ending the run; marked success, when
+asked) or leave the batch running for the next try to reattach to.
 
 :class:`CancelAttempts` is the retry rule of the cancel itself (transient failures retried with backoff within a
 bounded time); the trigger drives it on the event loop, shielded from Airflow's repeated kills, and the worker
@@ -27,23 +28,24 @@ DEFAULT_CANCEL_BUDGET = 120.0
 #: A worker is SIGKILLed 5 s after SIGTERM; the cancel it can still make inline must end before that.
 WORKER_CANCEL_BUDGET = 3.5
 
-# States a task instance reaches only through a person (or an API call on a person's behalf) while it waited:
-# clearing gives ``None`` (then scheduled, queued, running…) or ``restarting``; marking gives the marked state;
-# marking the run failed gives ``failed`` or ``skipped``.
-_CLEARED = frozenset({None, "none", "scheduled", "queued", "restarting", "running"})
-_MARKED = {
-    "failed": "marked failed",
-    "upstream_failed": "marked upstream_failed",
-    "skipped": "marked skipped",
-    "removed": "removed from the DAG",
-}
+# States a task instance is in after a clear: ``None`` until the scheduler picks it up (and ``restarting`` for one
+# cleared while it ran) — Airflow gives neither any other way. Then it is scheduled, queued, running (deferred) again,
+# states a try resumed by its trigger's event on another triggerer also goes through: those count as a clear only
+# when the try moved past the stopped one (Airflow raises ``try_number`` when it schedules a cleared task instance,
+# never when a trigger's event resumes one).
+_CLEARED = frozenset({None, "none", "restarting"})
+_AGAIN = frozenset({"scheduled", "queued", "running", "deferred"})
+# Terminal states a person gives by marking the task (or its run) — and Airflow itself gives too: a run's
+# dagrun_timeout fails its unfinished tasks, lost heartbeats with no retry left fail it, a deploy that drops the task
+# removes it, the scheduler skips or upstream-fails it. Either way the run is over: its batch should not bill on.
+_ENDED = frozenset({"failed", "upstream_failed", "skipped", "removed"})
 
 
 class KillCause(str, enum.Enum):
     """Why a waiting task was stopped, as far as Airflow's records tell."""
 
     CLEARED = "cleared"
-    MARKED = "marked"
+    ENDED = "ended"  # failed, skipped, upstream_failed or removed: by a person's mark, or by Airflow
     MARKED_SUCCESS = "marked success"
     TIMEOUT = "execution timeout"
     NOT_A_PERSON = "not a person"
@@ -65,8 +67,10 @@ def judge_kill(
     where: str,
     cancel_on_mark_success: bool = False,
     execution_timeout: bool = False,
+    own_try: int | None = None,
+    current_try: int | None = None,
 ) -> KillVerdict:
-    """Decide whether the kill of a waiting task was a person's action that cancels its batch.
+    """Decide whether the kill of a waiting task cancels its batch.
 
     :param state: The task instance's state read from Airflow *after* the kill (``None``: no state, i.e.
         cleared), or :data:`UNKNOWN_STATE` when it could not be read.
@@ -74,6 +78,9 @@ def judge_kill(
         got SIGTERM while it polled).
     :param cancel_on_mark_success: Whether marking the task success cancels the batch.
     :param execution_timeout: The worker's ``execution_timeout`` fired (Airflow calls ``on_kill`` itself).
+    :param own_try: The try that was stopped (the trigger's or the task's ``try_number``).
+    :param current_try: The task instance's try number read from Airflow after the kill (``None``: unknown).
+        Scheduled, queued, running or deferred count as a clear only when it is past ``own_try``.
     """
     if execution_timeout:
         return KillVerdict(True, KillCause.TIMEOUT, "the task passed its execution_timeout")
@@ -83,9 +90,12 @@ def judge_kill(
             KillCause.UNKNOWN,
             "Airflow could not say what happened to the task (its state could not be read)",
         )
-    if state in _MARKED:
+    if state in _ENDED:
         return KillVerdict(
-            True, KillCause.MARKED, f"the task was {_MARKED[state]} (its state is now {state!r})"
+            True,
+            KillCause.ENDED,
+            f"the task instance is now {state} — a person marked it, or Airflow ended the run (dagrun_timeout, "
+            "lost heartbeats with no retry left, a task removed from the DAG)",
         )
     if state == "success":
         if cancel_on_mark_success:
@@ -96,22 +106,6 @@ def judge_kill(
             "the task was marked success (cancel_on_mark_success=False keeps its batch running; fetch its "
             "results later, or cancel it with KlusterCancelBatchOperator)",
         )
-    if where == "triggerer" and state == "deferred":
-        # Still deferred: the trigger went to another triggerer (HA hand-over, a stalled triggerer). A task cleared
-        # and deferred again before this kill arrived is handled by its new try, which never reattaches to a batch
-        # of a cleared try (it compares the task's max_tries) and cancels that batch itself.
-        return KillVerdict(
-            False,
-            KillCause.NOT_A_PERSON,
-            "the task is still deferred: its trigger moved to another triggerer",
-        )
-    if where == "worker" and state in ("running", "deferred"):
-        return KillVerdict(
-            False,
-            KillCause.NOT_A_PERSON,
-            f"the task is still {state}: Airflow stopped this process (a worker or scheduler shutdown, lost "
-            "heartbeats), not a person",
-        )
     if state == "up_for_retry":
         return KillVerdict(
             False,
@@ -121,6 +115,38 @@ def judge_kill(
     if state in _CLEARED:
         return KillVerdict(
             True, KillCause.CLEARED, f"the task was cleared (its state is now {state or 'none'!r})"
+        )
+    if state in _AGAIN:
+        if own_try is not None and current_try is not None and current_try > own_try:
+            return KillVerdict(
+                True,
+                KillCause.CLEARED,
+                f"the task was cleared (it is {state} again, in try {current_try}; this was try {own_try})",
+            )
+        if own_try is None or current_try is None:
+            return KillVerdict(
+                False,
+                KillCause.UNKNOWN,
+                f"the task is {state}, and Airflow did not say whether its try moved past this one "
+                f"(try {own_try if own_try is not None else '?'}): a clear cannot be told from "
+                + (
+                    "its trigger having moved to another triggerer (whose event may have resumed the task)"
+                    if where == "triggerer"
+                    else "Airflow stopping this process"
+                ),
+            )
+        if where == "triggerer":
+            return KillVerdict(
+                False,
+                KillCause.NOT_A_PERSON,
+                f"the task is {state} in the same try ({current_try}): its trigger moved to another triggerer"
+                + ("" if state == "deferred" else ", whose event resumed it"),
+            )
+        return KillVerdict(
+            False,
+            KillCause.NOT_A_PERSON,
+            f"the task is still {state} in the same try ({current_try}): Airflow stopped this process (a worker or "
+            "scheduler shutdown, lost heartbeats), not a person",
         )
     return KillVerdict(False, KillCause.UNKNOWN, f"the task is in an unexpected state {state!r}")
 

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib
+import json
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 import types
 import uuid
 
@@ -21,6 +30,7 @@ from packaging.version import Version
 
 from airflow_provider_kluster.cancelling import (
     UNKNOWN_STATE,
+    WORKER_CANCEL_BUDGET,
     CancelAttempts,
     KillCause,
     judge_kill,
@@ -34,7 +44,7 @@ from airflow_provider_kluster.operators.kluster import (
 from airflow_provider_kluster.reattach import STATE_BATCH_KEY
 from airflow_provider_kluster.triggers import kluster as trigger_module
 from airflow_provider_kluster.triggers.kluster import KlusterBatchTrigger
-from tests.conftest import TEST_API_KEY
+from tests.conftest import TEST_API_KEY, conn_json
 from tests.helpers import MODEL, FakeTI, make_context, request_lines, wait_for, write_jsonl
 
 AIRFLOW_33 = Version(Version(airflow.__version__).base_version) >= Version("3.3")
@@ -67,33 +77,69 @@ def status(emulator, batch_id: str) -> str:
 
 
 # -- who may cancel ----------------------------------------------------------------------------------------
+SAME, NEXT, UNREAD = (1, 1), (1, 2), (1, None)  # (the stopped try, the try Airflow says the task is on)
+
+
 @pytest.mark.parametrize(
-    ("state", "where", "cancel", "cause"),
+    ("state", "where", "tries", "cancel", "cause"),
     [
-        ("failed", "triggerer", True, KillCause.MARKED),
-        ("failed", "worker", True, KillCause.MARKED),
-        ("skipped", "triggerer", True, KillCause.MARKED),
-        (None, "triggerer", True, KillCause.CLEARED),
-        ("scheduled", "triggerer", True, KillCause.CLEARED),
-        ("queued", "triggerer", True, KillCause.CLEARED),
-        ("running", "triggerer", True, KillCause.CLEARED),
-        ("restarting", "worker", True, KillCause.CLEARED),
-        (None, "worker", True, KillCause.CLEARED),
-        ("deferred", "triggerer", False, KillCause.NOT_A_PERSON),  # handed to another triggerer
-        ("running", "worker", False, KillCause.NOT_A_PERSON),  # scheduler / worker restart
-        ("up_for_retry", "worker", False, KillCause.NOT_A_PERSON),  # missed heartbeats
-        ("up_for_retry", "triggerer", False, KillCause.NOT_A_PERSON),
-        ("success", "triggerer", False, KillCause.MARKED_SUCCESS),
-        ("success", "worker", False, KillCause.MARKED_SUCCESS),
-        (UNKNOWN_STATE, "triggerer", False, KillCause.UNKNOWN),
-        (UNKNOWN_STATE, "worker", False, KillCause.UNKNOWN),
-        ("up_for_reschedule", "worker", False, KillCause.UNKNOWN),
+        ("failed", "triggerer", UNREAD, True, KillCause.ENDED),
+        ("failed", "worker", UNREAD, True, KillCause.ENDED),
+        ("skipped", "triggerer", UNREAD, True, KillCause.ENDED),
+        ("removed", "worker", UNREAD, True, KillCause.ENDED),
+        (None, "triggerer", UNREAD, True, KillCause.CLEARED),
+        (None, "worker", UNREAD, True, KillCause.CLEARED),
+        ("restarting", "worker", UNREAD, True, KillCause.CLEARED),
+        # Scheduled, queued, running, deferred: a clear only when the try moved past the stopped one.
+        ("scheduled", "triggerer", NEXT, True, KillCause.CLEARED),
+        ("queued", "triggerer", NEXT, True, KillCause.CLEARED),
+        ("running", "triggerer", NEXT, True, KillCause.CLEARED),
+        ("deferred", "triggerer", NEXT, True, KillCause.CLEARED),  # cleared and deferred again
+        (
+            "scheduled",
+            "triggerer",
+            SAME,
+            False,
+            KillCause.NOT_A_PERSON,
+        ),  # another triggerer's event resumed it
+        ("queued", "triggerer", SAME, False, KillCause.NOT_A_PERSON),
+        ("running", "triggerer", SAME, False, KillCause.NOT_A_PERSON),
+        ("deferred", "triggerer", SAME, False, KillCause.NOT_A_PERSON),  # handed to another triggerer
+        ("scheduled", "triggerer", UNREAD, False, KillCause.UNKNOWN),
+        ("running", "triggerer", UNREAD, False, KillCause.UNKNOWN),
+        ("running", "triggerer", (None, 2), False, KillCause.UNKNOWN),
+        ("running", "worker", SAME, False, KillCause.NOT_A_PERSON),  # scheduler / worker restart
+        ("running", "worker", UNREAD, False, KillCause.UNKNOWN),
+        ("running", "worker", NEXT, True, KillCause.CLEARED),
+        ("up_for_retry", "worker", UNREAD, False, KillCause.NOT_A_PERSON),  # missed heartbeats
+        ("up_for_retry", "triggerer", NEXT, False, KillCause.NOT_A_PERSON),
+        ("success", "triggerer", UNREAD, False, KillCause.MARKED_SUCCESS),
+        ("success", "worker", UNREAD, False, KillCause.MARKED_SUCCESS),
+        (UNKNOWN_STATE, "triggerer", NEXT, False, KillCause.UNKNOWN),
+        (UNKNOWN_STATE, "worker", UNREAD, False, KillCause.UNKNOWN),
+        ("up_for_reschedule", "worker", UNREAD, False, KillCause.UNKNOWN),
     ],
 )
-def test_only_a_persons_action_cancels(state, where, cancel, cause):
-    verdict = judge_kill(state, where=where)
+def test_who_may_cancel(state, where, tries, cancel, cause):
+    own_try, current_try = tries
+    verdict = judge_kill(state, where=where, own_try=own_try, current_try=current_try)
     assert (verdict.cancel, verdict.cause) == (cancel, cause)
     assert verdict.reason
+
+
+@pytest.mark.parametrize("state", ["failed", "skipped", "upstream_failed", "removed"])
+def test_an_ended_task_is_not_said_to_be_a_persons_doing(state):
+    """Airflow fails, skips or removes task instances itself (dagrun_timeout, lost heartbeats, a deploy)."""
+    reason = judge_kill(state, where="worker").reason
+    assert f"now {state}" in reason
+    assert "a person marked it, or Airflow ended the run" in reason
+    assert "marked failed" not in reason
+
+
+def test_an_unread_try_says_why_it_does_not_cancel():
+    reason = judge_kill("queued", where="triggerer", own_try=3).reason
+    assert "did not say whether its try moved past this one (try 3)" in reason
+    assert "another triggerer" in reason
 
 
 def test_the_state_is_picked_out_of_airflows_answer():
@@ -129,6 +175,10 @@ def test_cancel_retries_are_bounded():
 
 
 # -- the worker --------------------------------------------------------------------------------------------
+HAS_PREVIOUS_TI = hasattr(importlib.import_module("airflow.sdk.execution_time.comms"), "GetPreviousTI")
+needs_previous_ti = pytest.mark.skipif(not HAS_PREVIOUS_TI, reason="GetPreviousTI (the current try) is 3.2+")
+
+
 def submit_op(**kwargs) -> KlusterSubmitBatchOperator:
     kwargs.setdefault("requests", PROMPTS)
     kwargs.setdefault("model", MODEL)
@@ -136,12 +186,79 @@ def submit_op(**kwargs) -> KlusterSubmitBatchOperator:
 
 
 @pytest.fixture
-def running(kluster_conn, emulator):
-    """A submit operator that created a batch stuck ``in_progress``, as if killed while polling."""
-    emulator.emulator.faults.stick_batch("*", "in_progress")
+def airflow_tries(monkeypatch):
+    """What Airflow answers when asked for the task instance's current try (``GetPreviousTI`` over the comms).
+
+    Set ``answer["try"]`` (``None``: Airflow knows no such task instance) and ``answer["run_id"]`` (the run the
+    answer is about); ``answer["calls"]`` records each question.
+    """
+    if not HAS_PREVIOUS_TI:
+        pytest.skip("GetPreviousTI (the current try) is Airflow 3.2+")
+    from airflow.sdk.api.datamodels._generated import PreviousTIResponse
+    from airflow.sdk.execution_time import comms, task_runner
+
+    answer: dict = {"try": None, "run_id": None, "calls": []}
+
+    class Comms:
+        def send(self, msg):
+            answer["calls"].append(msg)
+            assert isinstance(msg, comms.GetPreviousTI)
+            if answer["try"] is None:
+                return comms.PreviousTIResult(task_instance=None)
+            ti = PreviousTIResponse(
+                task_id=msg.task_id,
+                dag_id=msg.dag_id,
+                run_id=answer["run_id"],
+                try_number=answer["try"],
+                map_index=msg.map_index,
+            )
+            return comms.PreviousTIResult(task_instance=ti)
+
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", Comms(), raising=False)
+    return answer
+
+
+@pytest.fixture(autouse=True)
+def hand_overs(monkeypatch):
+    """Every detached cancel the operators start, waited for (or, if it runs on, ended) after the test."""
+    from airflow_provider_kluster.operators import kluster as operators
+
+    started: list = []
+    real = operators.hand_over_cancel
+
+    def recording(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(operators, "hand_over_cancel", recording)
+    yield started
+    for hand_over in started:
+        if hand_over is None:
+            continue
+        try:
+            hand_over.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            hand_over.process.kill()  # started by this test: never left to run on
+            hand_over.process.wait()
+
+
+def run_the_task(**ti_fields) -> tuple[KlusterSubmitBatchOperator, str, FakeTI]:
     op = submit_op()
-    batch_id = op.execute(make_context("submit"))
-    return op, batch_id
+    context = make_context("submit", **ti_fields)
+    context["ti"].try_number = 1
+    return op, op.execute(context), context["ti"]
+
+
+@pytest.fixture
+def running(kluster_conn, emulator):
+    """A submit operator in try 1 that created a batch stuck ``in_progress``, as if killed while polling."""
+    emulator.emulator.faults.stick_batch("*", "in_progress")
+    return run_the_task()
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
 
 
 @pytest.mark.parametrize(
@@ -150,28 +267,111 @@ def running(kluster_conn, emulator):
     ids=["marked-failed", "cleared-running", "cleared", "worker-restart", "missed-heartbeats"],
 )
 def test_worker_cancels_only_on_a_persons_action(
-    running, emulator, airflow_says, caplog, capsys, state, cancelled
+    running, emulator, airflow_says, hand_overs, caplog, capsys, state, cancelled
 ):
-    op, batch_id = running
+    op, batch_id, _ = running
     airflow_says["state"] = state
     with caplog.at_level(logging.INFO):
         op.on_kill()
     assert airflow_says["calls"][-1]["task_ids"] == ["submit"]
     assert (status(emulator, batch_id) == "cancelling") is cancelled
     assert (cancels(emulator) == 1) is cancelled
+    assert len(hand_overs) == int(cancelled), "a decided cancel is handed over before anything else"
     expected = "kluster confirmed the cancel" if cancelled else "NOT cancelled"
     text = logged(caplog, capsys)
     assert expected in text
     assert TEST_API_KEY not in text
 
 
+@pytest.mark.parametrize(("current_try", "cancelled"), [(1, False), (2, True), (None, False)])
+def test_worker_running_counts_as_cleared_only_in_a_later_try(
+    running, emulator, airflow_says, airflow_tries, caplog, capsys, current_try, cancelled
+):
+    op, batch_id, ti = running
+    airflow_says["state"] = "running"
+    airflow_tries.update({"try": current_try, "run_id": ti.run_id})
+    with caplog.at_level(logging.INFO):
+        op.on_kill()
+    assert airflow_tries["calls"], "the current try was asked"
+    assert (status(emulator, batch_id) == "cancelling") is cancelled
+    if current_try is None:
+        assert "did not say which try" in logged(caplog, capsys)
+
+
+@needs_previous_ti
+def test_the_current_try_is_this_runs(airflow_tries):
+    """Asked with the run's logical date plus 1 µs (Airflow answers the newest task instance *before* it)."""
+    import datetime as dt
+
+    from airflow_provider_kluster.ti_state import TaskInstanceRef, read_current_try
+
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    ref = TaskInstanceRef("dag", "submit", "run-a", -1, 1, when.isoformat())
+    airflow_tries.update({"try": 4, "run_id": "run-a"})
+    assert read_current_try(ref) == 4
+    assert airflow_tries["calls"][-1].logical_date == when + dt.timedelta(microseconds=1)
+    airflow_tries["run_id"] = "run-b"  # another run of the same logical date answered
+    assert read_current_try(ref) is None
+
+
 def test_worker_leaves_the_batch_when_airflow_cannot_say(running, emulator, airflow_says, caplog, capsys):
-    op, batch_id = running
+    op, batch_id, _ = running
     airflow_says["error"] = ConnectionError("api-server unreachable")
     with caplog.at_level(logging.INFO):
         op.on_kill()
     assert cancels(emulator) == 0
     assert "could not be read" in logged(caplog, capsys)
+
+
+def test_on_kill_cannot_deadlock_on_airflows_channel(running, emulator, monkeypatch, caplog, capsys):
+    """SIGTERM while the main thread is inside ``CommsDecoder.send`` (its lock is not reentrant): no hang."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    op, batch_id, _ = running
+    comms_lock = threading.Lock()
+
+    def get_task_states(**_):
+        with comms_lock:
+            return {}
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
+    took: list[float] = []
+
+    def handler() -> None:  # what the signal handler runs, while the interrupted code holds the lock
+        started = time.monotonic()
+        op.on_kill()
+        took.append(time.monotonic() - started)
+
+    with caplog.at_level(logging.INFO), comms_lock:
+        killed = threading.Thread(target=handler, daemon=True)
+        killed.start()
+        killed.join(10)
+        assert not killed.is_alive(), "on_kill waited on the lock its own process holds"
+    assert took[0] < WORKER_CANCEL_BUDGET
+    assert cancels(emulator) == 0
+    text = logged(caplog, capsys)
+    assert "did not answer within" in text
+    assert f"Batch {batch_id} NOT cancelled" in text
+
+
+def test_a_kill_between_create_and_publish_cancels_the_batch(
+    kluster_conn, emulator, airflow_says, monkeypatch
+):
+    emulator.emulator.faults.stick_batch("*", "in_progress")
+    op = submit_op()
+
+    def killed_here(context, batch):
+        op.on_kill()  # SIGTERM arrives after the create, before the batch id is pushed
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(op, "publish", killed_here)
+    context = make_context("submit")
+    context["ti"].try_number = 1
+    with pytest.raises(RuntimeError, match="killed"):
+        op.execute(context)
+    assert op._batch_id is not None
+    assert cancels(emulator) == 1
+    assert status(emulator, op._batch_id) == "cancelling"
 
 
 def test_worker_mark_success_cancels_only_when_asked(kluster_conn, emulator, airflow_says):
@@ -196,7 +396,7 @@ def test_worker_mark_success_cancels_only_when_asked(kluster_conn, emulator, air
 def test_worker_cancel_lands_despite_a_slow_or_failing_cancel(
     running, emulator, airflow_says, caplog, capsys, fault
 ):
-    op, batch_id = running
+    op, batch_id, _ = running
     emulator.emulator.faults.add(CANCEL, **fault)
     with caplog.at_level(logging.INFO):
         op.on_kill()
@@ -204,76 +404,156 @@ def test_worker_cancel_lands_despite_a_slow_or_failing_cancel(
     assert "kluster confirmed the cancel" in logged(caplog, capsys)
 
 
-def test_worker_cancel_refused_for_good_says_so(running, emulator, airflow_says, caplog, capsys):
-    op, batch_id = running
+def test_worker_cancel_refused_for_good_says_so(running, emulator, airflow_says, hand_overs, caplog, capsys):
+    op, batch_id, _ = running
     emulator.emulator.faults.add(CANCEL, status=400, message="refused")
     with caplog.at_level(logging.INFO):
         op.on_kill()
     assert status(emulator, batch_id) not in ("cancelling", "cancelled")
-    text = logged(caplog, capsys)
-    errors = error_lines(text)
-    assert errors, text
-    assert batch_id in errors[-1]
-    assert "may still be running" in errors[-1]
-    assert TEST_API_KEY not in text
+    hand_overs[0].process.wait(timeout=60)
+    task_log, outcome = logged(caplog, capsys), read(hand_overs[0].log_path)
+    for text in (task_log, outcome):  # the task's inline attempt, then the detached process
+        errors = error_lines(text)
+        assert errors, text
+        assert batch_id in errors[-1]
+        assert "may still be running" in errors[-1]
+    assert TEST_API_KEY not in task_log + outcome
 
 
-def wait_until_exited(pid: int, timeout: float = 60.0) -> None:
-    import os
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        finished, _ = os.waitpid(pid, os.WNOHANG)
-        if finished:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"process {pid} still runs after {timeout}s")
-
-
-def test_worker_cancel_outlives_the_task(running, emulator, airflow_says, monkeypatch, capfd):
+def test_worker_cancel_outlives_the_task(running, emulator, airflow_says, hand_overs, caplog, capsys):
     """Not confirmed within the seconds Airflow leaves a stopped task: a detached process goes on and lands it."""
-    from airflow_provider_kluster.operators import kluster as operators
-
-    op, batch_id = running
+    op, batch_id, _ = running
     emulator.emulator.faults.add(CANCEL, status=503, times=12)
-    started = []
-    real = operators.hand_over_cancel
-    monkeypatch.setattr(
-        operators, "hand_over_cancel", lambda *a, **k: started.append(real(*a, **k)) or started[-1]
-    )
-    op.on_kill()
-    (pid,) = started
-    assert pid
-    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+    with caplog.at_level(logging.INFO):
+        op.on_kill()
+    (hand_over,) = hand_overs
+    with open(f"/proc/{hand_over.pid}/cmdline", "rb") as fh:
         assert TEST_API_KEY.encode() not in fh.read()
-    with open(f"/proc/{pid}/environ", "rb") as fh:
+    with open(f"/proc/{hand_over.pid}/environ", "rb") as fh:
         assert TEST_API_KEY.encode() not in fh.read()
-    wait_until_exited(pid)
+    assert hand_over.process.wait(timeout=150) == 0
     assert status(emulator, batch_id) in ("cancelling", "cancelled")
-    out, err = capfd.readouterr()  # the detached process logs to the task's output
-    assert "kluster confirmed the cancel" in out + err
-    assert TEST_API_KEY not in out + err
+    task_log, outcome = logged(caplog, capsys), read(hand_over.log_path)
+    assert hand_over.log_path in task_log, "the task's log says where the outcome goes"
+    assert f"Batch {batch_id} is cancelling: kluster confirmed the cancel" in outcome
+    assert "kluster confirmed the cancel" not in task_log
+    assert TEST_API_KEY not in task_log + outcome
 
 
-def test_a_detached_cancel_that_cannot_land_says_so(running, emulator, airflow_says, monkeypatch, capfd):
+def test_a_detached_cancel_that_cannot_land_says_so(running, emulator, airflow_says, monkeypatch, hand_overs):
     from airflow_provider_kluster.operators import kluster as operators
 
-    op, batch_id = running
+    op, batch_id, _ = running
     emulator.emulator.faults.add(CANCEL, status=503)
     monkeypatch.setattr(operators, "DEFAULT_CANCEL_BUDGET", 3.0)
-    started = []
-    real = operators.hand_over_cancel
-    monkeypatch.setattr(
-        operators, "hand_over_cancel", lambda *a, **k: started.append(real(*a, **k)) or started[-1]
-    )
     op.on_kill()
-    wait_until_exited(started[0])
+    assert hand_overs[0].process.wait(timeout=60) == 1
     assert status(emulator, batch_id) not in ("cancelling", "cancelled")
-    out, err = capfd.readouterr()
-    assert f"Could NOT cancel batch {batch_id}" in out + err
-    assert "may still be running" in out + err
-    assert "in the detached process" in out + err
+    outcome = read(hand_overs[0].log_path)
+    assert f"Could NOT cancel batch {batch_id}" in outcome
+    assert "may still be running" in outcome
+    assert "in the detached process" in outcome
+
+
+@pytest.fixture
+def default_conn(emulator, monkeypatch):
+    """``kluster_default`` with the connection's DEFAULT timeout (60 s) and retries (5)."""
+    monkeypatch.setenv("AIRFLOW_CONN_KLUSTER_DEFAULT", conn_json(emulator.base_url))
+    return "kluster_default"
+
+
+def test_a_hanging_cancel_is_handed_over_within_the_budget(
+    default_conn, emulator, airflow_says, hand_overs, caplog, capsys
+):
+    """kluster answers the cancel only after 10 s, with default client timeout and retries: on_kill is in time."""
+    emulator.emulator.faults.stick_batch("*", "in_progress")
+    op, batch_id, _ = run_the_task()
+    assert (op.hook.settings.timeout, op.hook.settings.max_retries) == (60.0, 5)
+    emulator.emulator.faults.add(CANCEL, latency=10.0)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        op.on_kill()
+    took = time.monotonic() - started
+    assert took < WORKER_CANCEL_BUDGET + 0.3, f"on_kill took {took:.1f}s; Airflow SIGKILLs at 5 s"
+    (hand_over,) = hand_overs
+    assert hand_over.process.wait(timeout=90) == 0
+    assert status(emulator, batch_id) in ("cancelling", "cancelled")
+    assert "kluster confirmed the cancel" in read(hand_over.log_path)
+    assert f"The cancel of batch {batch_id} is not confirmed" in logged(caplog, capsys)
+
+
+_KILLED_TASK = """
+import json, signal, sys, time
+from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+# What the API server would say: the task was marked failed.
+RuntimeTaskInstance.get_task_states = staticmethod(
+    lambda **kw: {kw["run_ids"][0]: {kw["task_ids"][0]: "failed"}}
+)
+from airflow_provider_kluster.operators.kluster import KlusterSubmitBatchOperator
+from airflow_provider_kluster.ti_state import TaskInstanceRef
+
+op = KlusterSubmitBatchOperator(task_id="submit", requests=["hi"], model="m")
+op._batch_id = sys.argv[1]
+op._ti_ref = TaskInstanceRef("test_dag", "submit", "manual__run", -1, 1)
+op.hook.settings  # read during the task's run, as after the create
+
+
+def on_term(signum, frame):  # as Airflow's task runner: on_kill from the SIGTERM handler
+    started = time.monotonic()
+    op.on_kill()
+    print(json.dumps({"on_kill_seconds": time.monotonic() - started}), flush=True)
+
+
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_a_task_sigkilled_5s_after_sigterm_still_cancels(default_conn, emulator, hook, tmp_path):
+    """The real thing: a task process gets SIGTERM, then SIGKILL 5 s later, while kluster takes 10 s to answer."""
+    emulator.emulator.faults.stick_batch("*", "in_progress")
+    path = write_jsonl(tmp_path / "in.jsonl", request_lines(2))
+    batch_id = hook.create_batch(hook.upload_file(path)).id
+    emulator.emulator.faults.add(CANCEL, latency=10.0)
+    task = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_TASK, batch_id],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    finisher = None
+    try:
+        assert task.stdout is not None
+        for line in task.stdout:
+            if line.strip() == b"ready":
+                break
+        task.send_signal(signal.SIGTERM)
+        time.sleep(5)
+        task.kill()  # Airflow's SIGKILL, 5 s after SIGTERM
+        killed = time.monotonic()
+        out = task.communicate(timeout=30)[0].decode()
+        assert time.monotonic() - killed < 3, "the task's output stayed open after it died (a child holds it)"
+        took = json.loads(next(line for line in out.splitlines() if "on_kill_seconds" in line))
+        assert took["on_kill_seconds"] < WORKER_CANCEL_BUDGET + 0.3
+        match = re.search(r"Detached process (\d+) .*its outcome goes to (\S+)", out)
+        assert match, out
+        finisher, log_path = int(match.group(1)), match.group(2)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "kluster confirmed the cancel" not in read(log_path):
+            time.sleep(0.5)
+        assert f"Batch {batch_id} is cancelling: kluster confirmed the cancel" in read(log_path)
+        assert status(emulator, batch_id) in ("cancelling", "cancelled")
+        assert TEST_API_KEY not in out + read(log_path)
+    finally:
+        if task.poll() is None:
+            task.kill()
+        if finisher is not None:  # not this test's child (the task's): wait for it to log its end and exit
+            for _ in range(100):
+                if not os.path.exists(f"/proc/{finisher}"):
+                    break
+                time.sleep(0.1)
 
 
 def test_execution_timeout_cancels_without_asking_airflow(running, emulator, airflow_says):
@@ -282,7 +562,7 @@ def test_execution_timeout_cancels_without_asking_airflow(running, emulator, air
     except ImportError:  # Airflow < 3.2
         from airflow.exceptions import AirflowTaskTimeout  # type: ignore[no-redef]
 
-    op, batch_id = running
+    op, batch_id, _ = running
     airflow_says["state"] = "running"  # would mean "not a person"
     try:
         raise AirflowTaskTimeout("Timeout")
@@ -461,6 +741,30 @@ def test_trigger_verdicts(deferred_batch, emulator, airflow_says, state, cancell
 
 
 @needs_33
+@pytest.mark.parametrize(
+    ("current_try", "cancelled", "said"),
+    [
+        (1, False, "its trigger moved to another triggerer, whose event resumed it"),
+        (2, True, "kluster confirmed the cancel"),
+        (None, False, "did not say whether its try moved past this one"),
+    ],
+    ids=["resumed-by-another-triggerer", "cleared-and-scheduled", "try-unread"],
+)
+def test_trigger_reads_scheduled_as_cleared_only_in_a_later_try(
+    deferred_batch, emulator, airflow_says, airflow_tries, caplog, capsys, current_try, cancelled, said
+):
+    trigger = trigger_for(deferred_batch, logical_date="2026-01-02T03:04:05+00:00")
+    airflow_says["state"] = "scheduled"
+    airflow_tries.update({"try": current_try, "run_id": trigger.task_instance.run_id})
+    with caplog.at_level(logging.INFO):
+        asyncio.run(airflow_kills(trigger))
+    assert airflow_tries["calls"][-1].logical_date.isoformat() == "2026-01-02T03:04:05.000001+00:00"
+    assert (status(emulator, deferred_batch) == "cancelling") is cancelled
+    assert (cancels(emulator) == 1) is cancelled
+    assert said in logged(caplog, capsys)
+
+
+@needs_33
 def test_trigger_cancel_that_cannot_be_sent_says_so(deferred_batch, emulator, airflow_says, caplog, capsys):
     airflow_says["state"] = "failed"
     emulator.emulator.faults.add(CANCEL, status=503)
@@ -496,6 +800,21 @@ def test_a_triggerer_shutdown_cancels_nothing(deferred_batch, emulator, airflow_
 
 
 def test_trigger_kwargs_carry_the_new_settings(kluster_conn):
-    _, kwargs = KlusterBatchTrigger("b", cancel_on_mark_success=True, cancel_budget=30).serialize()
+    _, kwargs = KlusterBatchTrigger(
+        "b", cancel_on_mark_success=True, cancel_budget=30, logical_date="2026-01-02T03:04:05+00:00"
+    ).serialize()
     assert kwargs["cancel_on_mark_success"] is True
     assert kwargs["cancel_budget"] == 30.0
+    assert kwargs["logical_date"] == "2026-01-02T03:04:05+00:00"
+    assert json.loads(json.dumps(kwargs)) == kwargs
+
+
+def test_the_operator_gives_its_trigger_the_runs_logical_date(kluster_conn):
+    import datetime as dt
+
+    op = submit_op(deferrable=True, wait_for_completion=True)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    context = make_context("submit")
+    context["dag_run"] = types.SimpleNamespace(logical_date=when)
+    op.remember_task(context)
+    assert op.make_trigger("b", None).logical_date == when.isoformat()

@@ -6,14 +6,16 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.configuration import conf
 from airflow.sdk import BaseOperator
@@ -31,7 +33,6 @@ from airflow_provider_kluster.cancelling import (
     cancel_done,
     judge_kill,
     not_cancelled_message,
-    state_in,
 )
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
@@ -45,7 +46,7 @@ from airflow_provider_kluster.exceptions import (
     KlusterNotFoundError,
     KlusterTooManyFailuresError,
 )
-from airflow_provider_kluster.hooks.kluster import KlusterHook
+from airflow_provider_kluster.hooks.kluster import ClientSettings, KlusterHook
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
 from airflow_provider_kluster.parameters import (
     PROVIDER_METADATA_KEYS,
@@ -79,6 +80,7 @@ from airflow_provider_kluster.request_files import (
     write_request_file,
 )
 from airflow_provider_kluster.results import join_results
+from airflow_provider_kluster.ti_state import TaskFacts, TaskInstanceRef, read_facts
 from airflow_provider_kluster.triggers.kluster import KlusterBatchTrigger
 from airflow_provider_kluster.waiting import (
     DEFAULT_MAX_CONSECUTIVE_ERRORS,
@@ -92,6 +94,7 @@ from airflow_provider_kluster.waiting import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+_T = TypeVar("_T")
 BATCH_ID_KEY = "batch_id"
 BATCH_URL_KEY = "batch_url"
 MANIFEST_KEY = "manifest"
@@ -316,15 +319,17 @@ def cancel_until_confirmed(
     log: Any,
     final: bool = True,
     where: str = "worker",
+    first_delay: float = 1.0,
 ) -> str:
     """Send a batch's cancel until kluster confirms it, retrying transient failures for up to ``budget`` seconds.
 
     :param final: Whether this is the last try: then a cancel that could not be sent is an ERROR naming the
         batch; otherwise the budget spent on transient failures answers ``RETRYING`` for someone else to go on.
+    :param first_delay: Seconds before the first retry (doubling after each failure).
     :return: ``CONFIRMED`` (cancelling/cancelled, or the batch already ended or is gone), ``RETRYING`` or
         ``FAILED``.
     """
-    attempts = CancelAttempts(started=time.monotonic(), budget=budget)
+    attempts = CancelAttempts(started=time.monotonic(), budget=budget, first_delay=first_delay)
     log.warning("Cancelling batch %s because %s", batch_id, reason)
     while True:
         try:
@@ -353,28 +358,94 @@ def cancel_until_confirmed(
         return CONFIRMED
 
 
-def hand_over_cancel(hook: KlusterHook, batch_id: str, reason: str, *, log: Any) -> int | None:
-    """Go on with a cancel in a detached process that outlives this task's (Airflow kills it 5 s after SIGTERM).
+#: Of the worker's cancel budget, the longest wait for Airflow to say the stopped task's state and try.
+WORKER_STATE_TIMEOUT = 1.5
+#: Where detached cancels write their outcome, under the logs folder (``[logging] base_log_folder``).
+CANCEL_LOG_FOLDER = "kluster-cancels"
 
-    The process gets the client settings, the key among them, on its standard input — never in its arguments or
-    environment (the connection and variable variables are left out of its environment) — and writes its outcome
-    to this task's output while Airflow still reads it. Returns its PID.
+
+def cancel_log_path(batch_id: str) -> str:
+    """Return the file a detached cancel of ``batch_id`` appends its outcome to (its folder created).
+
+    ``<base_log_folder>/kluster-cancels/<batch>.log`` — the temporary directory's ``kluster-cancels`` if the logs
+    folder cannot be written.
     """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", batch_id) + ".log"
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    folders = [
+        os.path.join(
+            conf.get("logging", "base_log_folder", fallback=os.path.join(home, "logs")), CANCEL_LOG_FOLDER
+        ),
+        os.path.join(tempfile.gettempdir(), CANCEL_LOG_FOLDER),
+    ]
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return os.path.join(folder, name)
+    return os.path.join(tempfile.gettempdir(), name)
+
+
+@dataclasses.dataclass
+class HandOver:
+    """A detached cancel: its process and the file it writes its outcome to."""
+
+    process: subprocess.Popen[bytes]
+    log_path: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def hand_over_cancel(
+    settings: ClientSettings,
+    batch_id: str,
+    reason: str,
+    *,
+    log: Any,
+    not_before: float | None = None,
+    budget: float | None = None,
+) -> HandOver | None:
+    """Start a detached process that makes sure a batch's cancel lands, outliving this task.
+
+    Airflow kills a stopped task 5 s after SIGTERM; the process, in its own session, is not killed with it. It gets
+    the client settings, the key among them, on its standard input — never in its arguments or environment (the
+    connection and variable variables are left out of its environment) — and writes its outcome to its own log
+    file (:func:`cancel_log_path`, named in this task's log), not to the task's output, which Airflow stops
+    reading when the task ends. Its other inherited file descriptors are closed.
+
+    :param not_before: Epoch seconds before which it does nothing (the task's own cancel may land until then);
+        then it reads the batch, and sends the cancel only if the batch is not cancelling or ended yet.
+    :param budget: Seconds its cancel retries transient failures (default ``DEFAULT_CANCEL_BUDGET``).
+    :return: The process and its log file, or ``None`` (an ERROR logged) when it could not be started.
+    """
+    budget = DEFAULT_CANCEL_BUDGET if budget is None else budget
     job = {
-        "settings": dataclasses.asdict(hook.settings),
+        "settings": dataclasses.asdict(settings),
         "batch_id": batch_id,
         "reason": reason,
-        "budget": DEFAULT_CANCEL_BUDGET,
+        "budget": budget,
+        "not_before": not_before,
     }
+    log_path = ""
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "airflow_provider_kluster.operators.finish_cancel"],
-            stdin=subprocess.PIPE,
-            start_new_session=True,  # not in the task's process group, so not killed with it
-            close_fds=True,
-            # It needs no connection or variable of the environment: the settings come on stdin.
-            env={k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))},
-        )
+        log_path = cancel_log_path(batch_id)
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "airflow_provider_kluster.operators.finish_cancel"],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # not in the task's process group, so not killed with it
+                close_fds=True,
+                # It needs no connection or variable of the environment: the settings come on stdin.
+                env={
+                    k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))
+                },
+            )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(job).encode())
         proc.stdin.close()
@@ -387,13 +458,39 @@ def hand_over_cancel(hook: KlusterHook, batch_id: str, reason: str, *, log: Any)
         )
         return None
     log.warning(
-        "The cancel of batch %s is not confirmed yet and Airflow is about to kill this task: process %d goes on "
-        "trying for up to %.0fs and logs its outcome here while it can",
-        batch_id,
+        "Detached process %d makes sure the cancel of batch %s lands (retrying for up to %.0fs after this task "
+        "is killed); its outcome goes to %s",
         proc.pid,
-        DEFAULT_CANCEL_BUDGET,
+        batch_id,
+        budget,
+        log_path,
     )
-    return proc.pid
+    return HandOver(proc, log_path)
+
+
+def _within(seconds: float, call: Callable[[], _T]) -> tuple[bool, _T | None]:
+    """Run ``call`` in a daemon thread, waiting at most ``seconds``: ``(True, result)`` or ``(False, None)``.
+
+    A call still running when the time is up is left behind (a daemon thread: it cannot keep the process
+    alive). Exceptions propagate.
+    """
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, call()))
+        except BaseException as exc:  # handed to the caller
+            box.append((False, exc))
+
+    worker = threading.Thread(target=run, name="kluster-on-kill", daemon=True)
+    worker.start()
+    worker.join(max(0.0, seconds))
+    if not box:
+        return False, None
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return True, value
 
 
 class _BatchWaitMixin:
@@ -409,7 +506,7 @@ class _BatchWaitMixin:
     log: Any
     hook: KlusterHook
     _batch_id: str | None
-    _ti_key: tuple[str, str, str, int] | None = None
+    _ti_ref: TaskInstanceRef | None = None
 
     def make_trigger(self, batch_id: str, deadline: float | None) -> KlusterBatchTrigger:
         return KlusterBatchTrigger(
@@ -420,6 +517,7 @@ class _BatchWaitMixin:
             cancel_on_kill=self.cancel_on_kill,
             max_consecutive_errors=self.max_consecutive_errors,
             cancel_on_mark_success=self.cancel_on_mark_success,
+            logical_date=None if self._ti_ref is None else self._ti_ref.logical_date,
         )
 
     def wait_for_batch(self, context: Context, batch_id: str, deadline: float | None) -> str:
@@ -466,14 +564,23 @@ class _BatchWaitMixin:
         return cancel_until_confirmed(self.hook, batch_id, reason, budget=budget, log=self.log) == CONFIRMED
 
     def on_kill(self) -> None:
-        """Cancel the batch when a person stopped the task while it polled on the worker; otherwise leave it.
+        """Cancel the batch when the task was stopped by a person's action (or its run ended); otherwise leave it.
 
         Airflow sends SIGTERM for a person's action (clear, mark failed) but also when it stops the worker or the
-        scheduler, or loses the task's heartbeats: the task instance's state, read back from Airflow, tells which
-        (:func:`~airflow_provider_kluster.cancelling.judge_kill`). A batch left running is reattached to by the
-        next try. The worker is killed 5 s after SIGTERM, so the cancel made here is short; an
-        ``execution_timeout`` (no SIGKILL follows) gets the full retry budget.
+        scheduler, or loses the task's heartbeats: the task instance's state and try, read back from Airflow,
+        tell which (:func:`~airflow_provider_kluster.cancelling.judge_kill`). A batch left running is reattached
+        to by the next try. An ``execution_timeout`` (Airflow calls this itself; no SIGKILL follows) cancels
+        with the full retry budget.
+
+        Otherwise this runs in Airflow's SIGTERM handler, and Airflow SIGKILLs the process 5 s later, so nothing
+        here may outlast :data:`~airflow_provider_kluster.cancelling.WORKER_CANCEL_BUDGET` (3.5 s) counted from
+        the start: Airflow's answer is awaited in a thread for at most ``WORKER_STATE_TIMEOUT`` (no answer: not
+        cancelled); a decided cancel is first handed to a detached process (:func:`hand_over_cancel`), which
+        waits out the budget and then cancels unless the batch already is cancelling; then one inline attempt
+        without the client's retries, bounded by what is left of the budget, may confirm it in the task's log.
         """
+        started = time.monotonic()
+        deadline = started + WORKER_CANCEL_BUDGET
         batch_id = getattr(self, "_batch_id", None)
         if not batch_id:
             return
@@ -481,12 +588,22 @@ class _BatchWaitMixin:
             self.log.info("Task stopped; batch %s left running (cancel_on_kill=False)", batch_id)
             return
         timed_out = type(sys.exc_info()[1]).__name__ == "AirflowTaskTimeout"
-        state = UNKNOWN_STATE if timed_out else self._task_state()
+        ref = getattr(self, "_ti_ref", None)
+        if timed_out:
+            facts = TaskFacts(UNKNOWN_STATE, None)
+        elif ref is None:
+            facts = TaskFacts(UNKNOWN_STATE, None, "this task did not record which task instance it is")
+        else:
+            facts = read_facts(ref, timeout=min(WORKER_STATE_TIMEOUT, deadline - time.monotonic()))
+        if facts.note:
+            self.log.warning("Reading the task instance back from Airflow: %s", facts.note)
         verdict = judge_kill(
-            state,
+            facts.state,
             where="worker",
             cancel_on_mark_success=getattr(self, "cancel_on_mark_success", False),
             execution_timeout=timed_out,
+            own_try=None if ref is None else ref.try_number,
+            current_try=facts.current_try,
         )
         if not verdict.cancel:
             self.log.warning(
@@ -496,34 +613,56 @@ class _BatchWaitMixin:
         if timed_out:  # Airflow called on_kill itself: no SIGKILL follows
             self._cancel(batch_id, verdict.reason)
             return
-        outcome = cancel_until_confirmed(
-            self.hook, batch_id, verdict.reason, budget=WORKER_CANCEL_BUDGET, log=self.log, final=False
-        )
-        if outcome == RETRYING:
-            hand_over_cancel(self.hook, batch_id, verdict.reason, log=self.log)
-
-    def _task_state(self) -> str | None:
-        """Read this task instance's state back from Airflow (``UNKNOWN_STATE`` if it cannot be read)."""
-        key = getattr(self, "_ti_key", None)
-        if key is None:
-            return UNKNOWN_STATE
-        dag_id, task_id, run_id, map_index = key
-        try:
-            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-            states = RuntimeTaskInstance.get_task_states(
-                dag_id=dag_id, task_ids=[task_id], run_ids=[run_id], map_index=map_index
+        ready, settings = _within(deadline - time.monotonic(), lambda: self.hook.settings)
+        if not ready or settings is None:
+            self.log.error(
+                "%s",
+                f"Could NOT cancel batch {batch_id} ({verdict.reason}): the connection could not be read before "
+                "Airflow kills this task. The batch may still be running and billing: cancel it by hand "
+                "(KlusterCancelBatchOperator, or the kluster.ai console).",
             )
-        except Exception as exc:  # ambiguous: never cancel on it
-            self.log.warning("Could not read the state of task %s: %s", task_id, exc)
-            return UNKNOWN_STATE
-        return state_in(states, run_id, task_id, map_index)
+            return
+        hand_over = hand_over_cancel(
+            settings,
+            batch_id,
+            verdict.reason,
+            log=self.log,
+            not_before=time.time() + deadline - time.monotonic(),
+        )
+        remaining = deadline - time.monotonic()
+        inline = KlusterHook.from_settings(
+            dataclasses.replace(settings, timeout=max(0.1, remaining), max_retries=0)
+        )
+        done, outcome = _within(
+            remaining,
+            lambda: cancel_until_confirmed(
+                inline,
+                batch_id,
+                verdict.reason,
+                budget=remaining,
+                log=self.log,
+                final=hand_over is None,
+                first_delay=0.25,  # seconds are few: retry sooner than a full-budget cancel
+            ),
+        )
+        if done and outcome == CONFIRMED:
+            if hand_over is not None:
+                hand_over.process.terminate()  # still waiting out the budget: it has nothing left to do
+            return
+        if hand_over is not None:
+            self.log.warning(
+                "The cancel of batch %s is not confirmed %.1fs after this task was stopped; detached process %d "
+                "goes on and writes its outcome to %s",
+                batch_id,
+                time.monotonic() - started,
+                hand_over.pid,
+                hand_over.log_path,
+            )
 
     def remember_task(self, context: Context) -> None:
-        """Keep who this task instance is, for :meth:`on_kill` to read its state back."""
-        ti = context["ti"]
-        map_index = getattr(ti, "map_index", -1)
-        self._ti_key = (ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else int(map_index))
+        """Keep who this task instance is (and its try), for :meth:`on_kill` to read its state back."""
+        dag_run = context.get("dag_run")
+        self._ti_ref = TaskInstanceRef.of(context["ti"], getattr(dag_run, "logical_date", None))
 
 
 class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperator):
@@ -697,6 +836,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
         since = run_start(context)
         previous = self._earlier_tries(state, identity, fingerprint, since) if self.reattach else Previous()
         if previous.reusable is not None:
+            self._batch_id = previous.reusable.id  # known to on_kill from here on, before it is published
             state.record(
                 STATE_BATCH_KEY,
                 {"batch_id": previous.reusable.id, "fingerprint": fingerprint, **state.tries()},
@@ -734,6 +874,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             },
             find_created=find_created if self.reattach else None,
         )
+        self._batch_id = batch.id  # a kill between here and publish still cancels it
         state.record(STATE_BATCH_KEY, {"batch_id": batch.id, "fingerprint": fingerprint, **state.tries()})
         return batch
 

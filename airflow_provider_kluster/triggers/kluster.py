@@ -20,10 +20,10 @@ from airflow_provider_kluster.cancelling import (
     cancel_done,
     judge_kill,
     not_cancelled_message,
-    state_in,
 )
 from airflow_provider_kluster.exceptions import KlusterAPIError, KlusterNotFoundError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
+from airflow_provider_kluster.ti_state import TaskFacts, TaskInstanceRef, ask
 from airflow_provider_kluster.waiting import DEFAULT_MAX_CONSECUTIVE_ERRORS, WaitPolicy
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_ERRORS", "FIRST_POLL_SPREAD", "KlusterBatchTrigger"]
@@ -74,6 +74,9 @@ class KlusterBatchTrigger(BaseTrigger):
     :param cancel_on_mark_success: Also cancel it when the task is marked success.
     :param cancel_budget: Seconds a cancel keeps retrying transient failures before it logs an ERROR.
     :param max_consecutive_errors: Transient poll failures tolerated in a row before an ``error`` event.
+    :param logical_date: The DAG run's logical date (ISO 8601), so that a kill can read the task instance's
+        current try back from Airflow (``None``: a run without one; the try is then read only when this run is
+        the task's newest).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class KlusterBatchTrigger(BaseTrigger):
         max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
         cancel_on_mark_success: bool = False,
         cancel_budget: float = DEFAULT_CANCEL_BUDGET,
+        logical_date: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_id = batch_id
@@ -96,6 +100,7 @@ class KlusterBatchTrigger(BaseTrigger):
         self.max_consecutive_errors = int(max_consecutive_errors)
         self.cancel_on_mark_success = bool(cancel_on_mark_success)
         self.cancel_budget = float(cancel_budget)
+        self.logical_date = None if logical_date is None else str(logical_date)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and JSON-native kwargs that rebuild this trigger."""
@@ -110,6 +115,7 @@ class KlusterBatchTrigger(BaseTrigger):
                 "max_consecutive_errors": self.max_consecutive_errors,
                 "cancel_on_mark_success": self.cancel_on_mark_success,
                 "cancel_budget": self.cancel_budget,
+                "logical_date": self.logical_date,
             },
         )
 
@@ -190,8 +196,17 @@ class KlusterBatchTrigger(BaseTrigger):
                 "Deferred task stopped; batch %s left running (cancel_on_kill=False)", self.batch_id
             )
             return
-        state = await self._hold(asyncio.ensure_future(self._task_state()), absorb, let_go)
-        verdict = judge_kill(state, where="triggerer", cancel_on_mark_success=self.cancel_on_mark_success)
+        facts = await self._hold(asyncio.ensure_future(self._task_facts()), absorb, let_go)
+        if facts.note:
+            self.log.warning("Reading the task instance back from Airflow: %s", facts.note)
+        own_try = getattr(self.task_instance, "try_number", None)
+        verdict = judge_kill(
+            facts.state,
+            where="triggerer",
+            cancel_on_mark_success=self.cancel_on_mark_success,
+            own_try=None if own_try is None else int(own_try),
+            current_try=facts.current_try,
+        )
         if not verdict.cancel:
             self._tell(logging.WARNING, "Batch %s NOT cancelled: %s.", self.batch_id, verdict.reason)
             return
@@ -231,30 +246,16 @@ class KlusterBatchTrigger(BaseTrigger):
         # Outside the trigger's context the line carries no trigger id: the triggerer logs it as its own.
         contextvars.Context().run(_TRIGGERER_LOG.log, level, message, *args)
 
-    async def _task_state(self) -> str | None:
-        """Read the deferred task instance's state back from Airflow (``UNKNOWN_STATE`` if it cannot be read)."""
+    async def _task_facts(self) -> TaskFacts:
+        """Read the deferred task instance's state and current try back from Airflow (unknown if it cannot)."""
         ti = self.task_instance
         if ti is None:
-            return UNKNOWN_STATE
+            return TaskFacts(UNKNOWN_STATE, None, "the trigger knows no task instance")
+        ref = TaskInstanceRef.of(ti, self.logical_date)
         try:
-            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-            map_index = getattr(ti, "map_index", -1)
-            map_index = -1 if map_index is None else int(map_index)
-            states = await asyncio.wait_for(
-                asyncio.to_thread(
-                    RuntimeTaskInstance.get_task_states,
-                    dag_id=ti.dag_id,
-                    task_ids=[ti.task_id],
-                    run_ids=[ti.run_id],
-                    map_index=map_index,
-                ),
-                timeout=_STATE_TIMEOUT,
-            )
+            return await asyncio.wait_for(asyncio.to_thread(ask, ref), timeout=_STATE_TIMEOUT)
         except Exception as exc:  # ambiguous: never cancel on it
-            self.log.warning("Could not read the state of task %s: %s", ti.task_id, exc)
-            return UNKNOWN_STATE
-        return state_in(states, ti.run_id, ti.task_id, map_index)
+            return TaskFacts(UNKNOWN_STATE, None, f"Airflow did not answer: {exc!r}")
 
     async def _cancel(self, reason: str) -> None:
         """Cancel this trigger's batch (a trigger for many batches overrides this to cancel each of them)."""

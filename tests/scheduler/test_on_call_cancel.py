@@ -26,6 +26,7 @@ from .harness import (
     wait_for_batch,
     wait_for_cancel,
     wait_for_polling,
+    wait_until,
 )
 
 if Version(Version(airflow.__version__).base_version) < Version("3.3"):
@@ -71,6 +72,19 @@ def test_clearing_a_deferred_task_cancels_its_batch(cluster, emulator_server):
 
             assert wait_for_cancel(emulator_server, batch_id) in CANCELLED
             assert cancel_calls(emulator_server) > calls_before, emulator_server.emulator.counters
+            # Cancelled by the cleared try's trigger (its log: attempt=1), not only by the re-run's _give_up.
+            attempt_1 = (
+                cluster.home / "logs" / f"dag_id={DEFERRED_DAG}" / f"run_id={run_id}" / f"task_id={TASK}"
+            )
+            wait_until(
+                lambda: any(
+                    f"Cancelling batch {batch_id} because the task was cleared"
+                    in p.read_text(errors="replace")
+                    for p in attempt_1.glob("attempt=1.log*")
+                ),
+                60,
+                what=f"try 1's log to say it cancelled {batch_id} because the task was cleared",
+            )
     finally:
         finish_run(cluster, emulator_server, DEFERRED_DAG, run_id)
 

@@ -18,9 +18,11 @@ would, and checks what happened to the batches:
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import airflow
@@ -62,10 +64,14 @@ FAILING = {"status": 503, "times": 3}  # more than the connection's own 2 client
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def logs_of(cluster: AirflowCluster, dag_id: str, run_id: str) -> str:
-    """Every log of the run's task: each try's, and each triggerer's part of it."""
+def logs_of(cluster: AirflowCluster, dag_id: str, run_id: str, attempt: int | None = None) -> str:
+    """Every log of the run's task (or of one try): each try's, each triggerer's part of it, and the logs of
+    the detached processes that finish a worker's cancel (``logs/kluster-cancels/<batch>.log``) it names."""
     root = cluster.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={TASK}"
-    return "\n".join(p.read_text(errors="replace") for p in sorted(root.glob("attempt=*.log*")))
+    pattern = "attempt=*.log*" if attempt is None else f"attempt={attempt}.log*"
+    text = "\n".join(p.read_text(errors="replace") for p in sorted(root.glob(pattern)))
+    detached = sorted(set(re.findall(r"its outcome goes to (\S+?\.log)", text)))
+    return "\n".join([text, *(Path(p).read_text(errors="replace") for p in detached if Path(p).exists())])
 
 
 def wait_for_log(cluster: AirflowCluster, dag_id: str, run_id: str, text: str, timeout: float = 60) -> str:
@@ -141,6 +147,17 @@ def test_a_slow_or_failing_cancel_lands(cluster, emulator_server, fault, dag_id,
             assert wait_for_cancel(server, batch_id, timeout=90) in CANCELLED
             wait_for_log(cluster, dag_id, run_id, "kluster confirmed the cancel")
             if action == "clear":
+                # The cleared try's own kill cancelled it, not the re-run's _give_up ("cleared after it was
+                # submitted"), which would cancel it even without on_kill.
+                wait_until(
+                    lambda: (
+                        f"Cancelling batch {batch_id} because the task was cleared"
+                        in logs_of(cluster, dag_id, run_id, attempt=1)
+                    ),
+                    60,
+                    what=f"try 1's log to say it cancelled {batch_id} because the task was cleared",
+                    on_timeout=lambda: logs_of(cluster, dag_id, run_id)[-6000:],
+                )
                 # The re-run submits a new batch (never the cancelled one) and waits on it.
                 new_batch = wait_for_batch(server, run_id, attempt=2, timeout=120)
                 assert new_batch != batch_id
