@@ -33,6 +33,7 @@ PURE = [
     "cancelling",
     "jobs",
     "pricing",
+    "ti_state",
 ]
 BANNED = ("openai", "httpx2", "airflow_provider_kluster.hooks")
 

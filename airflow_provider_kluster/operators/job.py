@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -13,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_kluster.batches import BATCH_ENDPOINT, BatchStatus, KlusterBatch
-from airflow_provider_kluster.cancelling import DEFAULT_CANCEL_BUDGET
+from airflow_provider_kluster.cancelling import (
+    DEFAULT_CANCEL_BUDGET,
+    UNKNOWN_STATE,
+    WORKER_CANCEL_BUDGET,
+    judge_kill,
+)
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
     KlusterBatchTimeoutError,
@@ -37,10 +43,12 @@ from airflow_provider_kluster.jobs import (
 )
 from airflow_provider_kluster.operators.kluster import (
     CONFIRMED,
+    WORKER_STATE_TIMEOUT,
     _check_single_input,
     _default_deferrable,
     _seconds,
     cancel_until_confirmed,
+    hand_over_cancel,
 )
 from airflow_provider_kluster.parameters import PROVIDER_METADATA_KEYS, build_metadata, check_arguments
 from airflow_provider_kluster.paths import as_path, move_into_place, temp_sibling
@@ -75,6 +83,7 @@ from airflow_provider_kluster.request_files import (
     validate_request_file,
     write_request_file,
 )
+from airflow_provider_kluster.ti_state import TaskFacts, TaskInstanceRef, read_facts
 from airflow_provider_kluster.triggers.job import KlusterJobTrigger
 from airflow_provider_kluster.waiting import DEFAULT_MAX_CONSECUTIVE_ERRORS
 
@@ -240,6 +249,7 @@ class KlusterBatchJobOperator(BaseOperator):
         self.reattach_scan_limit = reattach_scan_limit
         self.kluster_conn_id = kluster_conn_id
         self._running: list[str] = []
+        self._ti_ref: TaskInstanceRef | None = None
 
     @cached_property
     def hook(self) -> KlusterHook:
@@ -312,6 +322,9 @@ class KlusterBatchJobOperator(BaseOperator):
         identity = identity_from_context(context)
         state = TaskState.of(context)
         user_metadata = self.check_parameters()
+        self._ti_ref = TaskInstanceRef.of(
+            context["ti"], getattr(context.get("dag_run"), "logical_date", None)
+        )
         with tempfile.TemporaryDirectory(prefix="kluster-job-") as workdir:
             plan = self._plan(workdir)
             found = self._scan(identity, state.max_tries, run_start(context))
@@ -645,6 +658,7 @@ class KlusterBatchJobOperator(BaseOperator):
             cancel_on_kill=self.cancel_on_kill,
             max_consecutive_errors=self.max_consecutive_errors,
             cancel_on_mark_success=self.cancel_on_mark_success,
+            logical_date=None if self._ti_ref is None else self._ti_ref.logical_date,
             stall_timeout=self.stall_timeout,
             fire_on_first_end=watch.fire_on_first_end,
             progress={k: [v.done, v.since] for k, v in watch.seen.items()},
@@ -725,14 +739,55 @@ class KlusterBatchJobOperator(BaseOperator):
         return dict(checked.get("progress") or {})
 
     def on_kill(self) -> None:
-        """On the worker (not deferred), a kill leaves the batches to the next try, which reattaches to them."""
-        if self._running:
-            self.log.warning(
-                "Task stopped while %d batch(es) of the job run (%s); they are left running: the next try "
-                "reattaches to them, and a clear cancels them",
-                len(self._running),
-                ", ".join(self._running[:10]),
+        """Waiting on the worker, cancel the job's running batches when a person stopped the task; else leave them.
+
+        The same rules as :meth:`~.kluster.KlusterSubmitBatchOperator.on_kill`: the task instance's state and try,
+        read back from Airflow, tell a person's clear or mark failed (cancel) from a worker or scheduler stop (the
+        next try reattaches); an ``execution_timeout`` cancels with the full retry budget. Airflow kills the
+        process 5 s after SIGTERM, so each running batch's cancel is handed to a detached process at once.
+        """
+        running = list(self._running)
+        if not running:
+            return
+        if not self.cancel_on_kill:
+            self.log.info(
+                "Task stopped; %d batch(es) of the job left running (cancel_on_kill=False)", len(running)
             )
+            return
+        deadline = time.monotonic() + WORKER_CANCEL_BUDGET
+        timed_out = type(sys.exc_info()[1]).__name__ == "AirflowTaskTimeout"
+        ref = self._ti_ref
+        if timed_out or ref is None:
+            facts = TaskFacts(UNKNOWN_STATE, None)
+        else:
+            facts = read_facts(ref, timeout=min(WORKER_STATE_TIMEOUT, deadline - time.monotonic()))
+        if facts.note:
+            self.log.warning("Reading the task instance back from Airflow: %s", facts.note)
+        verdict = judge_kill(
+            facts.state,
+            where="worker",
+            cancel_on_mark_success=self.cancel_on_mark_success,
+            execution_timeout=timed_out,
+            own_try=None if ref is None else ref.try_number,
+            current_try=facts.current_try,
+        )
+        if not verdict.cancel:
+            self.log.warning(
+                "%d batch(es) of the job NOT cancelled (%s): %s. The next try reattaches to them.",
+                len(running),
+                ", ".join(running[:10]),
+                verdict.reason,
+            )
+            return
+        if timed_out:  # Airflow called on_kill itself: no SIGKILL follows
+            for batch_id in running:
+                cancel_until_confirmed(
+                    self.hook, batch_id, verdict.reason, budget=DEFAULT_CANCEL_BUDGET, log=self.log
+                )
+            return
+        settings = self.hook.settings
+        for batch_id in running:
+            hand_over_cancel(settings, batch_id, verdict.reason, log=self.log)
 
     # -- the end ---------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from airflow_provider_kluster.jobs import JOB_PART_KEY
 from airflow_provider_kluster.operators.job import KlusterBatchJobOperator
 from tests.conftest import TEST_API_KEY
 from tests.helpers import MODEL, make_context, request_lines, write_jsonl
+from tests.test_on_call import airflow_kills, deferred_ti, needs_33
 
 try:
     from airflow.sdk.exceptions import TaskDeferred
@@ -324,3 +325,65 @@ def test_bad_job_parameters_are_refused_before_any_call(kluster_conn, fast, tmp_
     with pytest.raises(KlusterConfigError, match=expected):
         op.execute(context())
     assert sum(fast.emulator.counters.values()) == 0
+
+
+def stuck_job(tmp_path, emulator, **kwargs):
+    emulator.emulator.faults.stick_batch("*", "in_progress")
+    source = write_jsonl(tmp_path / "in.jsonl", request_lines(200))
+    return job(tmp_path, input_file=str(source), max_requests=100, **kwargs)
+
+
+def statuses(emulator) -> list[str]:
+    return sorted(emulator.emulator.get_batch_raw(b)["status"] for b in emulator.emulator.list_batch_ids())
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@needs_33
+def test_a_person_killing_the_jobs_trigger_cancels_every_running_batch(
+    kluster_conn, fast, airflow_says, tmp_path
+):
+    op = stuck_job(tmp_path, fast)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(context())
+    _, kwargs = deferred.value.trigger.serialize()
+    trigger = type(deferred.value.trigger)(**json.loads(json.dumps(kwargs)))
+    assert len(trigger.batch_ids) == 2
+    trigger.task_instance = deferred_ti()
+    airflow_says["state"] = "failed"
+    asyncio.run(airflow_kills(trigger))
+    assert all(s in ("cancelling", "cancelled") for s in statuses(fast)), statuses(fast)
+
+
+def test_worker_wait_killed_by_a_person_cancels_every_running_batch(
+    kluster_conn, fast, airflow_says, tmp_path
+):
+    op = stuck_job(tmp_path, fast, deferrable=False)
+    manifest, watch = op._advance(context(), None)
+    assert manifest is None
+    assert len(op._running) == 2
+    airflow_says["state"] = "failed"
+    op.on_kill()
+    wait_until(lambda: all(s in ("cancelling", "cancelled") for s in statuses(fast)))
+
+
+def test_worker_wait_stopped_by_airflow_leaves_the_batches(
+    kluster_conn, fast, airflow_says, tmp_path, caplog, capsys
+):
+    op = stuck_job(tmp_path, fast, deferrable=False)
+    op._advance(context(), None)
+    airflow_says["state"] = "running"  # the same try still running: a worker or scheduler stop
+    op.on_kill()
+    import time
+
+    time.sleep(1.0)
+    assert statuses(fast) == ["in_progress", "in_progress"]
+    out = capsys.readouterr().out + caplog.text
+    assert "2 batch(es) of the job NOT cancelled" in out
