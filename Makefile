@@ -45,6 +45,8 @@ emulator: venv
 benchmark: venv
 	$(PY) benchmarks/download_rss.py
 	$(PY) benchmarks/many_triggers.py
+	$(PY) benchmarks/job_scale.py rss
+	$(PY) benchmarks/job_scale.py calls
 
 clean:
 	rm -rf $(VENV) .venv-airflow31 .airflow .pytest_cache

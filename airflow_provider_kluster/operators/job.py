@@ -140,8 +140,9 @@ class KlusterBatchJobOperator(BaseOperator):
     :param input_file: A JSONL request file of any size: local path, ``ObjectStoragePath`` or URI.
     :param requests: A list of full batch lines, chat bodies or prompt strings.
     :param model: Model for requests that name none.
-    :param max_completion_tokens: Default ``max_completion_tokens`` for requests that set none.
-    :param body_defaults: Other default body parameters; never override a request's own.
+    :param max_completion_tokens: Default ``max_completion_tokens`` for ``requests`` items that set none (an
+        ``input_file`` is sent as it is).
+    :param body_defaults: Other default body parameters for ``requests`` items; never override an item's own.
     :param completion_window: ``24h``, ``48h``, ``72h`` or ``asap``; also selects the prices.
     :param metadata: Your metadata, kept on every batch (at most 12 keys: four are the provider's).
     :param kluster_options: ``greedy``, ``strict_completion_window``, ``remove_input_after_processing``.
@@ -260,13 +261,13 @@ class KlusterBatchJobOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         self.check_parameters()
-        return self._run(context, progress=None)
+        return self._run(context, progress=None, first=True)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after a wait: cancel stalled batches (or all, past the deadline), then go on with the job."""
         self.check_parameters()
         progress = self._after_wait(event)
-        return self._run(context, progress=progress)
+        return self._run(context, progress=progress, first=False)
 
     def check_parameters(self) -> dict[str, Any]:
         """Refuse bad parameters before any call, each in one sentence; return the batches' user metadata."""
@@ -301,9 +302,10 @@ class KlusterBatchJobOperator(BaseOperator):
             price_table_from_user(self.prices, name="prices")
         return build_metadata(self.metadata, self.kluster_options, reserved_keys=JOB_METADATA_KEYS)
 
-    def _run(self, context: Context, progress: dict[str, Any] | None) -> dict[str, Any]:
+    def _run(self, context: Context, progress: dict[str, Any] | None, *, first: bool) -> dict[str, Any]:
         while True:
-            manifest, watch = self._advance(context, progress)
+            manifest, watch = self._advance(context, progress, first=first)
+            first = False
             if manifest is not None:
                 return manifest
             assert watch is not None
@@ -313,7 +315,7 @@ class KlusterBatchJobOperator(BaseOperator):
     # -- one step of the job ---------------------------------------------------------------------------
 
     def _advance(
-        self, context: Context, progress: dict[str, Any] | None
+        self, context: Context, progress: dict[str, Any] | None, *, first: bool = True
     ) -> tuple[dict[str, Any] | None, JobWatch | None]:
         """Recompute the job from its input and kluster; submit what may run; return the manifest or a wait.
 
@@ -326,9 +328,9 @@ class KlusterBatchJobOperator(BaseOperator):
             context["ti"], getattr(context.get("dag_run"), "logical_date", None)
         )
         with tempfile.TemporaryDirectory(prefix="kluster-job-") as workdir:
-            plan = self._plan(workdir)
+            plan = self._plan(workdir, validate=first)
             found = self._scan(identity, state.max_tries, run_start(context))
-            if not found:
+            if first and not found:
                 self._check_budget(plan.estimate, spent=0.0, what="the job")
             started = min(
                 (b.created_at.timestamp() for b in found.values() if b.created_at), default=time.time()
@@ -428,8 +430,13 @@ class KlusterBatchJobOperator(BaseOperator):
                 shards, attempt = retry_shards, attempt + 1
             return self._finish(context, plan, tally, attempt, batches_used, records_tmp, not_retried), None
 
-    def _plan(self, workdir: str) -> _Plan:
-        """Build (from ``requests``) or take the input, validate it, estimate its cost, and shard it."""
+    def _plan(self, workdir: str, *, validate: bool) -> _Plan:
+        """Build (from ``requests``) or take the input, validate it, estimate its cost, and shard it.
+
+        Validation (every line, duplicate ids, models) runs on a try's first wake-up, before anything is
+        uploaded; later wake-ups of the same try only re-shard, and a changed input shows as a shard whose
+        fingerprint no longer matches its batch.
+        """
         if self.requests is not None:
             path = as_path(f"{workdir}/requests.jsonl")
             defaults = dict(self.body_defaults or {})
@@ -438,42 +445,38 @@ class KlusterBatchJobOperator(BaseOperator):
             write_request_file(self.requests, path, model=self.model, body_defaults=defaults)
         else:
             path = as_path(self.input_file)
-        known = self.hook.list_models() if self.check_models else None
-        summary = validate_request_file(
-            path, max_requests=None, max_bytes=None, known_models=known, check_duplicates=False
-        )
-        duplicates = duplicate_ids(iter_lines(path), summary.bytes, workdir)
-        if duplicates:
-            _raise_problems(summary.path, duplicates, truncated=len(duplicates) >= 20)
+        if validate:
+            known = self.hook.list_models() if self.check_models else None
+            summary = validate_request_file(
+                path, max_requests=None, max_bytes=None, known_models=known, check_duplicates=False
+            )
+            duplicates = duplicate_ids(iter_lines(path), summary.bytes, workdir)
+            if duplicates:
+                _raise_problems(summary.path, duplicates, truncated=len(duplicates) >= 20)
         estimator = CostEstimator(default_completion_tokens=self.default_completion_tokens)
 
         def lines() -> Any:
             for raw in iter_lines(path):
                 if raw.strip():
-                    body = json.loads(raw).get("body") or {}
-                    estimator.add(self._with_defaults(body))
+                    estimator.add(json.loads(raw).get("body") or {})
                 yield raw
 
         shards = write_shards(
             lines(), workdir, attempt=1, max_requests=self.max_requests, max_bytes=self.max_file_bytes
         )
         estimate = self._estimate(estimator)
+        requests, size = sum(s.requests for s in shards), sum(s.bytes for s in shards)
         self.log.info(
             "Job input %s: %d requests, %d bytes, in %d shard(s) of at most %s requests and %s bytes. %s",
-            summary.path,
-            summary.requests,
-            summary.bytes,
+            path,
+            requests,
+            size,
             len(shards),
             f"{self.max_requests:,}" if self.max_requests else "any number of",
             f"{self.max_file_bytes:,}" if self.max_file_bytes else "any number of",
             estimate.describe() if estimate is not None else "No cost estimate (no prices).",
         )
-        return _Plan(path, summary.requests, summary.bytes, shards, estimate)
-
-    def _with_defaults(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self.requests is not None or self.max_completion_tokens is None:
-            return body
-        return {"max_completion_tokens": self.max_completion_tokens, **body}
+        return _Plan(path, requests, size, shards, estimate)
 
     # -- money -----------------------------------------------------------------------------------------
 
@@ -516,7 +519,7 @@ class KlusterBatchJobOperator(BaseOperator):
         estimator = CostEstimator(default_completion_tokens=self.default_completion_tokens)
         for raw in iter_lines(retry_path):
             if raw.strip():
-                estimator.add(self._with_defaults(json.loads(raw).get("body") or {}))
+                estimator.add(json.loads(raw).get("body") or {})
         estimate = estimator.estimate(self.price_table, self.completion_window)
         spent, _ = actual_cost(tally.usage_by_model, self.price_table, self.completion_window)
         try:

@@ -387,3 +387,27 @@ def test_worker_wait_stopped_by_airflow_leaves_the_batches(
     assert statuses(fast) == ["in_progress", "in_progress"]
     out = capsys.readouterr().out + caplog.text
     assert "2 batch(es) of the job NOT cancelled" in out
+
+
+def test_resubmissions_count_against_the_same_budget(kluster_conn, fast, tmp_path, caplog, capsys):
+    """The estimate passes, but what attempt 1 really spent leaves no room for the resends: none are sent."""
+    fast.emulator.faults.transient_share = 0.1
+    source = write_jsonl(tmp_path / "in.jsonl", request_lines(500))
+    op = job(
+        tmp_path,
+        input_file=str(source),
+        max_cost=2.0,
+        # completions are priced high and estimated at 1 token each: the real answers cost far more
+        prices={MODEL: {"input": 1e-6, "output": 2e-3}},
+        default_completion_tokens=1,
+        max_attempts=3,
+    )
+    manifest, _ = run_to_end(op, context())
+    assert manifest["cost"]["estimate"]["total_usd"] < 2.0 < manifest["cost"]["actual_usd"]
+    assert manifest["attempts"] == 1
+    assert manifest["not_retried_for_budget"] == manifest["to_retry"] > 0
+    assert counters(fast) == (1, 1)
+    assert "NOT resending" in capsys.readouterr().out + caplog.text
+    got = records(manifest)
+    assert len(got) == 500
+    assert sum(r["status"] != "succeeded" for r in got) == manifest["to_retry"]
