@@ -923,7 +923,7 @@ def _local(path: Any, workdir: str) -> str:
             while chunk := src.read(1 << 20):
                 out.write(chunk)
         return local
-    return str(path)
+    return str(getattr(path, "path", path))  # an ObjectStoragePath's "file://…" string is no local path
 
 
 def _copy_into_place(source: Any, dest: Any) -> None:

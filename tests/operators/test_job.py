@@ -411,3 +411,31 @@ def test_resubmissions_count_against_the_same_budget(kluster_conn, fast, tmp_pat
     got = records(manifest)
     assert len(got) == 500
     assert sum(r["status"] != "succeeded" for r in got) == manifest["to_retry"]
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_input_and_destination_in_object_storage(kluster_conn, fast, tmp_path, where):
+    from airflow_provider_kluster.paths import as_path
+
+    fast.emulator.faults.transient_share = 0.1
+    source = write_jsonl(tmp_path / "in.jsonl", request_lines(300))
+    if where == "file":
+        input_file, destination = f"file://{source}", f"file://{tmp_path}/out"
+    else:  # a remote store: fsspec's in-memory filesystem, attached as Airflow attaches S3 or GCS
+        from airflow.sdk.io import attach
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        attach("memory", fs=MemoryFileSystem())
+        input_file = f"memory://kluster-job-{tmp_path.name}/in.jsonl"
+        with as_path(input_file).open("wb") as out:
+            out.write(source.read_bytes())
+        destination = f"memory://kluster-job-{tmp_path.name}/out"
+    manifest, _ = run_to_end(
+        job(tmp_path, input_file=input_file, destination=destination, max_requests=100), context()
+    )
+    assert manifest["succeeded"] == 300
+    assert manifest["attempts"] == 2
+    with as_path(manifest["records_path"]).open("r") as fh:
+        got = [json.loads(line) for line in fh]
+    assert sorted(r["custom_id"] for r in got) == sorted(f"request-{i}" for i in range(300))
+    assert as_path(manifest["manifest_path"]).exists()
