@@ -868,6 +868,22 @@ class KlusterBatchJobOperator(BaseOperator):
                 status="completed",
                 errors=tally.first_errors,
             )
+        last = f"a{attempts}s"
+        unfinished = [b for b in batches if b["part"].startswith(last) and b["status"] != "completed"]
+        if tally.missing and unfinished and self.max_failed_ratio is None:
+            # Not answers that failed but batches that did not finish (stalled and cancelled, expired, failed):
+            # the job did not do its work, whatever max_failed_ratio=None lets pass.
+            context["ti"].xcom_push(key="manifest", value=manifest)
+            shown = ", ".join(f"{b['id']} (part {b['part']}, {b['status']})" for b in unfinished[:5])
+            raise KlusterTooManyFailuresError(
+                f"The job: {tally.missing} of {tally.total} requests have no answer because batch(es) {shown} did "
+                f"not finish, and no attempts remain (max_attempts={self.max_attempts}). A batch is cancelled when "
+                f"it makes no progress for stall_timeout ({self.stall_timeout}s). Raise max_attempts to resend "
+                f"such requests, or set max_failed_ratio to accept them. Results in {records_path}.",
+                batch_id=unfinished[0]["id"],
+                status=unfinished[0]["status"],
+                errors=tally.first_errors,
+            )
         return manifest
 
 

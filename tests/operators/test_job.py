@@ -439,3 +439,15 @@ def test_input_and_destination_in_object_storage(kluster_conn, fast, tmp_path, w
         got = [json.loads(line) for line in fh]
     assert sorted(r["custom_id"] for r in got) == sorted(f"request-{i}" for i in range(300))
     assert as_path(manifest["manifest_path"]).exists()
+
+
+def test_a_stall_with_no_attempts_left_fails_the_task_saying_so(kluster_conn, fast, tmp_path):
+    fast.emulator.faults.stall_batch("next", after=10)
+    source = write_jsonl(tmp_path / "in.jsonl", request_lines(50))
+    op = job(tmp_path, input_file=str(source), stall_timeout=0.5, max_attempts=1)
+    with pytest.raises(
+        Exception, match=r"40 of 50 requests have no answer because batch\(es\) .* cancelled\)"
+    ) as caught:
+        run_to_end(op, context())
+    assert "max_attempts=1" in str(caught.value)
+    assert len(records({"records_path": str(tmp_path / "out" / "results.jsonl")})) == 50
