@@ -55,7 +55,10 @@ def get_provider_info() -> dict:
         "operators": [
             {
                 "integration-name": "kluster.ai",
-                "python-modules": ["airflow_provider_kluster.operators.kluster"],
+                "python-modules": [
+                    "airflow_provider_kluster.operators.kluster",
+                    "airflow_provider_kluster.operators.job",
+                ],
             }
         ],
         "sensors": [
@@ -67,7 +70,10 @@ def get_provider_info() -> dict:
         "triggers": [
             {
                 "integration-name": "kluster.ai",
-                "python-modules": ["airflow_provider_kluster.triggers.kluster"],
+                "python-modules": [
+                    "airflow_provider_kluster.triggers.kluster",
+                    "airflow_provider_kluster.triggers.job",
+                ],
             }
         ],
         "extra-links": ["airflow_provider_kluster.links.KlusterBatchLink"],
