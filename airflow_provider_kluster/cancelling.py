@@ -80,7 +80,8 @@ def judge_kill(
     :param execution_timeout: The worker's ``execution_timeout`` fired (Airflow calls ``on_kill`` itself).
     :param own_try: The try that was stopped (the trigger's or the task's ``try_number``).
     :param current_try: The task instance's try number read from Airflow after the kill (``None``: unknown).
-        Scheduled, queued, running or deferred count as a clear only when it is past ``own_try``.
+        When known, scheduled, queued, running or deferred count as a clear only when it is past ``own_try``;
+        when not, deferred never does, running does only in the triggerer, scheduled and queued do.
     """
     if execution_timeout:
         return KillVerdict(True, KillCause.TIMEOUT, "the task passed its execution_timeout")
@@ -124,16 +125,27 @@ def judge_kill(
                 f"the task was cleared (it is {state} again, in try {current_try}; this was try {own_try})",
             )
         if own_try is None or current_try is None:
+            # The try cannot be read (the triggerer's channel to Airflow has no such question; Airflow 3.1):
+            # judge by the state alone. A deferred task's trigger moved to another triggerer. In the triggerer,
+            # scheduled/queued/running means cleared; the one look-alike, another triggerer's event resuming the
+            # task, comes once the batch has ended, when a cancel changes nothing. On the worker, running is
+            # Airflow stopping this process; scheduled or queued again means cleared.
+            if state == "deferred" or (where == "worker" and state == "running"):
+                return KillVerdict(
+                    False,
+                    KillCause.NOT_A_PERSON,
+                    f"the task is still {state}: "
+                    + (
+                        "its trigger moved to another triggerer"
+                        if where == "triggerer"
+                        else "Airflow stopped this process (a worker or scheduler shutdown, lost heartbeats), "
+                        "not a person"
+                    ),
+                )
             return KillVerdict(
-                False,
-                KillCause.UNKNOWN,
-                f"the task is {state}, and Airflow did not say whether its try moved past this one "
-                f"(try {own_try if own_try is not None else '?'}): a clear cannot be told from "
-                + (
-                    "its trigger having moved to another triggerer (whose event may have resumed the task)"
-                    if where == "triggerer"
-                    else "Airflow stopping this process"
-                ),
+                True,
+                KillCause.CLEARED,
+                f"the task was cleared (it is {state} again; its try could not be read)",
             )
         if where == "triggerer":
             return KillVerdict(

@@ -96,12 +96,14 @@ def read_current_try(ref: TaskInstanceRef) -> int | None:
     return None if try_number is None else int(try_number)
 
 
-def ask(ref: TaskInstanceRef) -> TaskFacts:
-    """Read the state, then the current try, in the calling thread (blocking); never raises."""
+def ask(ref: TaskInstanceRef, *, with_try: bool = True) -> TaskFacts:
+    """Read the state, then (``with_try``: a task process only) the current try, in the calling thread; never raises."""
     try:
         state = read_state(ref)
     except Exception as exc:
         return TaskFacts(UNKNOWN_STATE, None, f"its state could not be read: {exc}")
+    if not with_try:
+        return TaskFacts(state, None)
     try:
         current_try = read_current_try(ref)
     except Exception as exc:
