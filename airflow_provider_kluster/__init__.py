@@ -77,6 +77,12 @@ def get_provider_info() -> dict:
             }
         ],
         "extra-links": ["airflow_provider_kluster.links.KlusterBatchLink"],
+        "task-decorators": [
+            {
+                "name": "kluster_batch",
+                "class-name": "airflow_provider_kluster.decorators.kluster_batch.kluster_batch_task",
+            }
+        ],
         "connection-types": [
             {
                 "connection-type": CONN_TYPE,

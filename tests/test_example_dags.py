@@ -16,6 +16,7 @@ DAG_IDS = [
     "kluster_batch_one_operator",
     "kluster_batch_mapped",
     "kluster_batch_job",
+    "kluster_batch_decorator",
 ]
 
 
@@ -59,6 +60,10 @@ def test_example_dag_runs_end_to_end(dag_id, example_env, emulator, capsys):
     if dag_id == "kluster_batch_job":  # one merged file for the whole job, one record per request
         (merged,) = example_env.rglob("job/*/results.jsonl")
         assert len(merged.read_text().splitlines()) == 30
+        assert len(batches) == 3
+    elif dag_id == "kluster_batch_decorator":  # one job per mapped topic, each in its own folder
+        merged = sorted(example_env.rglob("decorator/*/*/results.jsonl"))
+        assert [len(m.read_text().splitlines()) for m in merged] == [3, 2, 4]
         assert len(batches) == 3
     else:
         manifests = list(example_env.rglob("*.results.jsonl"))
