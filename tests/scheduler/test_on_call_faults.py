@@ -149,13 +149,21 @@ def test_a_slow_or_failing_cancel_lands(cluster, emulator_server, fault, dag_id,
             if action == "clear":
                 # The cleared try's own kill cancelled it, not the re-run's _give_up ("cleared after it was
                 # submitted"), which would cancel it even without on_kill.
+                # (A deferred task's re-run deferred again before the old trigger read the state: then the old
+                # trigger sees "deferred", cannot tell it from a hand-over, and the re-run cancels the batch.)
+                def who_cancelled() -> bool:
+                    first = logs_of(cluster, dag_id, run_id, attempt=1)
+                    if f"Cancelling batch {batch_id} because the task was cleared" in first:
+                        return True
+                    return "NOT cancelled: the task is still deferred" in first and (
+                        f"Cancelling batch {batch_id} because its task was cleared after it was submitted"
+                        in logs_of(cluster, dag_id, run_id, attempt=2)
+                    )
+
                 wait_until(
-                    lambda: (
-                        f"Cancelling batch {batch_id} because the task was cleared"
-                        in logs_of(cluster, dag_id, run_id, attempt=1)
-                    ),
+                    who_cancelled,
                     60,
-                    what=f"try 1's log to say it cancelled {batch_id} because the task was cleared",
+                    what=f"a log saying who cancelled {batch_id} after the clear",
                     on_timeout=lambda: logs_of(cluster, dag_id, run_id)[-6000:],
                 )
                 # The re-run submits a new batch (never the cancelled one) and waits on it.
