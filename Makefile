@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
-	$(UV) pip install --quiet --python $(PY) -e ".[test,common-ai]"
+	$(UV) pip install --quiet --python $(PY) -e ".[test,common-ai,openlineage]"
 	@touch $(STAMP)
 
 ## test: run the whole suite against the local emulator (creates .venv if needed)

@@ -34,6 +34,7 @@ PURE = [
     "jobs",
     "pricing",
     "ti_state",
+    "lineage",
 ]
 BANNED = ("openai", "httpx2", "airflow_provider_kluster.hooks")
 

@@ -16,6 +16,9 @@ DAG_IDS = [
     "kluster_batch_one_operator",
     "kluster_batch_mapped",
     "kluster_batch_job",
+    "kluster_results_asset_batch",
+    "kluster_results_asset_job",
+    "kluster_results_asset_consumer",
     "kluster_batch_decorator",
 ]
 try:  # kluster_common_ai.py defines its DAG only with the common-ai extra (tests/common_ai runs it)
@@ -61,12 +64,20 @@ def test_example_dag_runs_end_to_end(dag_id, example_env, emulator, capsys):
     assert all(state == "success" for state in states.values()), states
     # Every batch the DAG created completed in the emulator.
     batches = [emulator.emulator.get_batch_raw(b) for b in emulator.emulator.list_batch_ids()]
+    if dag_id == "kluster_results_asset_consumer":  # no batch: it reads asset events (tests/test_assets.py)
+        assert batches == []
+        assert "No asset event started this run" in capsys.readouterr().out
+        return
     assert batches
     assert {b["status"] for b in batches} == {"completed"}
     if dag_id == "kluster_batch_job":  # one merged file for the whole job, one record per request
         (merged,) = example_env.rglob("job/*/results.jsonl")
         assert len(merged.read_text().splitlines()) == 30
         assert len(batches) == 3
+    elif dag_id == "kluster_results_asset_job":
+        (merged,) = example_env.rglob("asset-job/*/results.jsonl")
+        assert len(merged.read_text().splitlines()) == 8
+        assert len(batches) == 2
     elif dag_id == "kluster_batch_decorator":  # one job per mapped topic, each in its own folder
         merged = sorted(example_env.rglob("decorator/*/*/results.jsonl"))
         assert [len(m.read_text().splitlines()) for m in merged] == [3, 2, 4]

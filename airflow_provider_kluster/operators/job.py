@@ -41,6 +41,7 @@ from airflow_provider_kluster.jobs import (
     settle,
     write_shards,
 )
+from airflow_provider_kluster.lineage import KlusterLineageMixin, declare_results_asset
 from airflow_provider_kluster.operators.kluster import (
     CONFIRMED,
     WORKER_STATE_TIMEOUT,
@@ -88,7 +89,7 @@ from airflow_provider_kluster.triggers.job import KlusterJobTrigger
 from airflow_provider_kluster.waiting import DEFAULT_MAX_CONSECUTIVE_ERRORS
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.sdk import Asset, Context
 
 __all__ = ["KlusterBatchJobOperator"]
 JOB_METADATA_KEYS = (*PROVIDER_METADATA_KEYS, JOB_PART_KEY)
@@ -113,7 +114,7 @@ class _Plan:
         )
 
 
-class KlusterBatchJobOperator(BaseOperator):
+class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
     """Run a whole batch job: shard any input, wait for all shards, resubmit what failed, merge every answer.
 
     1. **Before anything is uploaded** the input (``input_file`` or ``requests``) is validated line by line,
@@ -174,6 +175,8 @@ class KlusterBatchJobOperator(BaseOperator):
     :param reattach_scan_limit: How many of the newest batches and files to look through when the run's start
         is not known.
     :param kluster_conn_id: The kluster.ai connection.
+    :param results_asset: An ``Asset`` (or its URI or name) added to the task's outlets: its event, like that of
+        every Asset outlet, carries the batch ids, models, request counts, tokens, cost and paths in its extra.
     """
 
     template_fields: Sequence[str] = (
@@ -218,9 +221,11 @@ class KlusterBatchJobOperator(BaseOperator):
         max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
         reattach_scan_limit: int = DEFAULT_SCAN_LIMIT,
         kluster_conn_id: str = KlusterHook.default_conn_name,
+        results_asset: Asset | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.results_asset = declare_results_asset(self, results_asset)
         self.destination = destination
         self.input_file = input_file
         self.requests = requests
@@ -307,6 +312,7 @@ class KlusterBatchJobOperator(BaseOperator):
             manifest, watch = self._advance(context, progress, first=first)
             first = False
             if manifest is not None:
+                self.publish_results(context, manifest)
                 return manifest
             assert watch is not None
             event = self._wait_here(watch)

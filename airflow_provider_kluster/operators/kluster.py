@@ -47,6 +47,7 @@ from airflow_provider_kluster.exceptions import (
     KlusterTooManyFailuresError,
 )
 from airflow_provider_kluster.hooks.kluster import ClientSettings, KlusterHook
+from airflow_provider_kluster.lineage import KlusterLineageMixin, declare_results_asset
 from airflow_provider_kluster.links import KlusterBatchLink, batch_url
 from airflow_provider_kluster.parameters import (
     PROVIDER_METADATA_KEYS,
@@ -92,7 +93,7 @@ from airflow_provider_kluster.waiting import (
 )
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.sdk import Asset, Context
 
 _T = TypeVar("_T")
 BATCH_ID_KEY = "batch_id"
@@ -963,7 +964,7 @@ class KlusterSubmitBatchOperator(_BatchWaitMixin, _RequestInputMixin, BaseOperat
             )
 
 
-class KlusterGetBatchResultsOperator(BaseOperator):
+class KlusterGetBatchResultsOperator(KlusterLineageMixin, BaseOperator):
     """Download a finished batch's output and error files, join them to every request, return a manifest.
 
     Files written under ``destination`` (a local directory, ``ObjectStoragePath`` or URI): ``<batch>.output.jsonl``,
@@ -978,6 +979,8 @@ class KlusterGetBatchResultsOperator(BaseOperator):
     :param return_records: Put up to this many parsed records in the manifest (for small batches).
     :param allow_unfinished: Also fetch results of an expired or cancelled batch (partial output) instead of failing.
     :param kluster_conn_id: The kluster.ai connection.
+    :param results_asset: An ``Asset`` (or its URI or name) added to the task's outlets: its event, like that of
+        every Asset outlet, carries the batch id, models, request counts, tokens and records path in its extra.
     :return: The manifest: ``batch_id, status, output_path, error_path, records_path, succeeded, failed, missing,
         total, usage{prompt_tokens, completion_tokens, total_tokens}, failed_ids, missing_ids, first_errors``
         (and ``records`` when asked).
@@ -996,9 +999,11 @@ class KlusterGetBatchResultsOperator(BaseOperator):
         return_records: int = 0,
         allow_unfinished: bool = False,
         kluster_conn_id: str = KlusterHook.default_conn_name,
+        results_asset: Asset | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.results_asset = declare_results_asset(self, results_asset)
         self.batch_id = batch_id
         self.destination = destination
         self.max_failed_ratio = max_failed_ratio
@@ -1056,6 +1061,7 @@ class KlusterGetBatchResultsOperator(BaseOperator):
             manifest["records_path"],
         )
         self._check_failures(context, manifest)
+        self.publish_results(context, manifest, batch)
         return manifest
 
     def _check_finished(self, batch: KlusterBatch) -> None:
