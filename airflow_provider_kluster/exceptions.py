@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from airflow.exceptions import AirflowException
+from airflow.exceptions import AirflowException, AirflowFailException
 
 #: HTTP statuses after which the same call may succeed later; besides these, every 5xx and no status at all
 #: (the connection failed) are transient.
@@ -146,3 +146,8 @@ class KlusterBatchTimeoutError(KlusterBatchError):
 
 class KlusterTooManyFailuresError(KlusterBatchError):
     """The batch completed, but more of its requests failed than ``max_failed_ratio`` allows."""
+
+
+class KlusterJobTimeoutError(KlusterBatchTimeoutError, AirflowFailException):
+    """A whole job passed its ``timeout``: its running batches were cancelled. Not retried by Airflow: a retry would
+    find the deadline passed as well (it counts from the job's first batch) and could only resubmit past it."""

@@ -58,6 +58,20 @@ RETRYABLE_CODES = frozenset(
         "upstream_error",
     }
 )
+#: Error codes of a request that fails the same way when sent again (no HTTP status needed to tell).
+PERMANENT_CODES = frozenset(
+    {
+        "invalid_request_error",
+        "invalid_request",
+        "model_not_found",
+        "context_length_exceeded",
+        "content_policy_violation",
+        "content_filter",
+        "invalid_prompt",
+        "invalid_api_key",
+        "permission_denied",
+    }
+)
 #: Most text (input and result lines) one bucket holds while a job is settled; at most :data:`MAX_BUCKETS`.
 BUCKET_BYTES = 32 * 1024 * 1024
 MAX_BUCKETS = 512
@@ -213,7 +227,7 @@ def is_retryable(record: ResultRecord) -> bool:
         return True
     if record.status_code is not None:
         return record.status_code in RETRYABLE_STATUS
-    return code is None or code not in {"invalid_request_error", "model_not_found", "invalid_request"}
+    return code is None or code not in PERMANENT_CODES
 
 
 # -- settling attempts ------------------------------------------------------------------------------------

@@ -66,8 +66,11 @@ with DAG(
     @task
     def report(manifest: dict) -> dict:
         """Print what the job did and cost, from the manifest the job returned."""
-        with open(manifest["records_path"]) as records:
-            first = json.loads(next(records))
+        from airflow.sdk import ObjectStoragePath
+
+        # The destination may be object storage, and this task may run on another worker: read it as a path.
+        with ObjectStoragePath(manifest["records_path"]).open("r") as records:
+            first = json.loads(records.readline())
         print(
             f"{manifest['succeeded']} of {manifest['total']} requests answered in {manifest['attempts']} attempt(s) "
             f"and {len(manifest['batches'])} batches; estimated {manifest['cost']['estimate']['total_usd']:.4f} USD, "

@@ -22,9 +22,9 @@ from airflow_provider_kluster.cancelling import (
 )
 from airflow_provider_kluster.exceptions import (
     KlusterAPIError,
-    KlusterBatchTimeoutError,
     KlusterBudgetError,
     KlusterConfigError,
+    KlusterJobTimeoutError,
     KlusterTooManyFailuresError,
     KlusterWaitError,
 )
@@ -342,6 +342,7 @@ class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
                 (b.created_at.timestamp() for b in found.values() if b.created_at), default=time.time()
             )
             deadline = started + self.timeout_seconds if self.timeout_seconds else None
+            expired = deadline is not None and time.time() >= deadline
             uploads = _Uploads(self, identity, run_start(context))
             ended: list[BatchFiles] = []
             batches_used: list[dict[str, Any]] = []
@@ -363,13 +364,19 @@ class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
                 slots = len(waiting)
                 if self.max_concurrent_batches is not None:
                     slots = max(0, self.max_concurrent_batches - len(running))
+                self._running = [b.id for b in running]
                 for shard in waiting[:slots]:
+                    if expired:
+                        break
                     batch = self._submit(
                         shard, identity, fingerprints[shard.label], user_metadata, state, uploads
                     )
                     parts[shard.label] = batch
                     found[shard.label] = batch
                     running.append(batch)
+                    self._running.append(batch.id)
+                if expired and (running or waiting):
+                    self._time_out(running, [s for s in waiting if parts[s.label] is None])
                 if running:
                     self._running = [b.id for b in running]
                     total = sum(s.requests for s in shards)
@@ -398,6 +405,7 @@ class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
                             "status": batch.status_text,
                             "requests": shard.requests,
                             "request_counts": batch.request_counts.to_dict(),
+                            "errors": list(batch.errors)[:5],
                         }
                     )
                 records_tmp = as_path(f"{workdir}/records-{attempt}.jsonl")
@@ -435,6 +443,20 @@ class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
                     break
                 shards, attempt = retry_shards, attempt + 1
             return self._finish(context, plan, tally, attempt, batches_used, records_tmp, not_retried), None
+
+    def _time_out(self, running: list[KlusterBatch], waiting: list[Shard]) -> None:
+        """Past the job's deadline: submit nothing more, cancel what runs, fail without a retry."""
+        for batch in running:
+            cancel_until_confirmed(
+                self.hook, batch.id, "the job passed its timeout", budget=DEFAULT_CANCEL_BUDGET, log=self.log
+            )
+        raise KlusterJobTimeoutError(
+            f"The job passed its timeout of {self.timeout_seconds}s (counted from its first batch): "
+            f"{len(running)} running batch(es) cancelled, {len(waiting)} shard(s) never submitted. Nothing more is "
+            "submitted for this run; clear the task to start the job anew.",
+            batch_id=",".join(b.id for b in running) or "job",
+            status="timeout",
+        )
 
     def _plan(self, workdir: str, *, validate: bool) -> _Plan:
         """Build (from ``requests``) or take the input, validate it, estimate its cost, and shard it.
@@ -559,13 +581,9 @@ class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
             if metadata.get(IDENTITY_KEY) != identity or not isinstance(label, str):
                 continue
             submitted_under = metadata.get(MAX_TRIES_KEY)
-            if (
-                self.cancel_on_kill
-                and max_tries is not None
-                and submitted_under is not None
-                and submitted_under != str(max_tries)
-            ):
-                if batch.is_running:
+            if max_tries is not None and submitted_under is not None and submitted_under != str(max_tries):
+                # A clear asks for the job anew, whatever cancel_on_kill says of the old try's batches.
+                if batch.is_running and self.cancel_on_kill:
                     cancel_until_confirmed(
                         self.hook,
                         batch.id,
@@ -714,7 +732,7 @@ class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
                     budget=DEFAULT_CANCEL_BUDGET,
                     log=self.log,
                 )
-            raise KlusterBatchTimeoutError(
+            raise KlusterJobTimeoutError(
                 f"The job passed its timeout of {self.timeout_seconds}s; its running batches were cancelled "
                 f"({', '.join(checked.get('running') or []) or 'none'}). {checked.get('message', '')}",
                 batch_id=",".join(checked.get("running") or []) or "job",
@@ -881,11 +899,20 @@ class KlusterBatchJobOperator(KlusterLineageMixin, BaseOperator):
             # the job did not do its work, whatever max_failed_ratio=None lets pass.
             context["ti"].xcom_push(key="manifest", value=manifest)
             shown = ", ".join(f"{b['id']} (part {b['part']}, {b['status']})" for b in unfinished[:5])
+            why = (
+                f"resending them would pass max_cost={self.max_cost:g} USD"
+                if not_retried
+                else f"no attempts remain (max_attempts={self.max_attempts})"
+            )
+            stall = (
+                f" A batch is cancelled when it makes no progress for stall_timeout ({self.stall_timeout:g}s)."
+                if self.stall_timeout
+                else ""
+            )
             raise KlusterTooManyFailuresError(
                 f"The job: {tally.missing} of {tally.total} requests have no answer because batch(es) {shown} did "
-                f"not finish, and no attempts remain (max_attempts={self.max_attempts}). A batch is cancelled when "
-                f"it makes no progress for stall_timeout ({self.stall_timeout}s). Raise max_attempts to resend "
-                f"such requests, or set max_failed_ratio to accept them. Results in {records_path}.",
+                f"not finish, and {why}.{stall} Raise max_attempts (or max_cost) to resend such requests, or set "
+                f"max_failed_ratio to accept them. Results in {records_path}.",
                 batch_id=unfinished[0]["id"],
                 status=unfinished[0]["status"],
                 errors=tally.first_errors,

@@ -59,7 +59,13 @@ class KlusterJobTrigger(KlusterBatchTrigger):
         **base: Any,
     ) -> None:
         self.batch_ids = [str(b) for b in batch_ids]
-        label = self.batch_ids[0] if len(self.batch_ids) == 1 else f"{len(self.batch_ids)} batches of the job"
+        # Names the wait in log lines and keys its cancel among the triggerer's: unique, since a batch belongs to
+        # one job only.
+        label = (
+            self.batch_ids[0]
+            if len(self.batch_ids) == 1
+            else f"{self.batch_ids[0]} and {len(self.batch_ids) - 1} more of the job"
+        )
         super().__init__(
             batch_id=label,
             kluster_conn_id=kluster_conn_id,

@@ -451,3 +451,71 @@ def test_a_stall_with_no_attempts_left_fails_the_task_saying_so(kluster_conn, fa
         run_to_end(op, context())
     assert "max_attempts=1" in str(caught.value)
     assert len(records({"records_path": str(tmp_path / "out" / "results.jsonl")})) == 50
+
+
+@needs_33
+def test_two_jobs_killed_together_both_cancel_their_batches(kluster_conn, fast, airflow_says, tmp_path):
+    """A cleared mapped job kills every map index's trigger at once: each cancels its own batches."""
+    fast.emulator.faults.stick_batch("*", "in_progress")
+    triggers = []
+    for index in range(2):
+        source = write_jsonl(tmp_path / f"in-{index}.jsonl", request_lines(200, prefix=f"m{index}"))
+        op = job(tmp_path / f"job-{index}", input_file=str(source), max_requests=100)
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute(make_context("job", run_id=RUN, map_index=index))
+        _, kwargs = deferred.value.trigger.serialize()
+        trigger = type(deferred.value.trigger)(**json.loads(json.dumps(kwargs)))
+        trigger.task_instance = deferred_ti()
+        triggers.append(trigger)
+    airflow_says["state"] = "failed"
+
+    async def kill_both():
+        await asyncio.gather(*(airflow_kills(t) for t in triggers))
+
+    asyncio.run(kill_both())
+    assert len(statuses(fast)) == 4
+    assert all(s in ("cancelling", "cancelled") for s in statuses(fast)), statuses(fast)
+
+
+def test_a_timed_out_job_fails_for_good_and_a_retry_submits_nothing(kluster_conn, fast, tmp_path):
+    from airflow.exceptions import AirflowFailException
+
+    from airflow_provider_kluster.exceptions import KlusterJobTimeoutError
+
+    op = stuck_job(tmp_path, fast, timeout=1.0, max_concurrent_batches=1)
+    with pytest.raises(KlusterJobTimeoutError, match="passed its timeout") as caught:
+        run_to_end(op, context())
+    assert isinstance(caught.value, AirflowFailException), "Airflow must not retry it"
+    assert counters(fast) == (1, 1)  # the second shard waited for a slot and was never submitted
+    assert statuses(fast) in (["cancelled"], ["cancelling"])
+    again = stuck_job(
+        tmp_path, fast, timeout=1.0, max_concurrent_batches=1
+    )  # a retry anyway (or a manual run)
+    with pytest.raises(KlusterJobTimeoutError, match="1 shard\\(s\\) never submitted"):
+        run_to_end(again, context())
+    assert counters(fast) == (1, 1)
+
+
+@pytest.mark.parametrize("cancel_on_kill", [True, False])
+def test_a_clear_starts_the_job_anew_whatever_cancel_on_kill_says(
+    kluster_conn, fast, tmp_path, cancel_on_kill
+):
+    from tests.test_on_call import try_context
+
+    source = write_jsonl(tmp_path / "in.jsonl", request_lines(100))
+    first, _ = run_to_end(
+        job(tmp_path, input_file=str(source), cancel_on_kill=cancel_on_kill),
+        try_context(RUN, None, try_number=1, max_tries=0),
+    )
+    after_clear, _ = run_to_end(
+        job(tmp_path, input_file=str(source), cancel_on_kill=cancel_on_kill),
+        try_context(RUN, None, try_number=2, max_tries=1),  # Airflow raises max_tries on a clear
+    )
+    assert first["batches"][0]["id"] != after_clear["batches"][0]["id"]
+    assert counters(fast)[1] == 2
+    retried, _ = run_to_end(  # a plain retry of the cleared run's try reattaches
+        job(tmp_path, input_file=str(source), cancel_on_kill=cancel_on_kill),
+        try_context(RUN, None, try_number=3, max_tries=1),
+    )
+    assert retried["batches"][0]["id"] == after_clear["batches"][0]["id"]
+    assert counters(fast)[1] == 2
