@@ -4,11 +4,14 @@ How the package is layered — dependencies run one way, from the Airflow-facing
 
 * **Pure modules** — ``batches`` (the batch object and wire constants), ``waiting`` (the waiting policy and the
   events it ends with), ``request_files``, ``results``, ``paths``, ``exceptions``, ``reattach``, ``connection``,
-  ``masking``, ``parameters`` and ``links`` — hold the provider's decisions and data. They never import the
+  ``masking``, ``parameters``, ``links``, ``cancelling`` (who may cancel), ``ti_state`` (reading a task instance
+  back), ``jobs`` (shards, retries, settling a whole job), ``pricing`` and ``lineage`` — hold the provider's
+  decisions and data. They never import the
   hook, ``openai`` or ``httpx2`` (not even for type checking), so each can be read and tested without a
   network client.
 * **The hook** (``hooks.kluster``) is the only module that talks to kluster.ai.
-* **Operators, sensors and triggers** wire the two into Airflow.
+* **Operators, sensors, triggers and the decorator** wire the two into Airflow; ``common_ai`` (optional extra)
+  plugs the hook into Airflow's common.ai provider.
 
 ``ruff`` enforces this (``banned-api`` in ``pyproject.toml``, allowed only in the hook, operators, sensors,
 triggers and the emulator), and ``tests/test_architecture.py`` checks what importing the pure modules loads.
