@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 
-.PHONY: venv test test-oldest lint demo emulator benchmark clean
+.PHONY: venv test test-oldest test-32 lint demo emulator benchmark clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ test-oldest:
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) .venv-airflow31
 	$(UV) pip install --quiet --python .venv-airflow31/bin/python "apache-airflow>=3.1,<3.2" -e ".[test]"
 	AIRFLOW__CORE__UNIT_TEST_MODE=True .venv-airflow31/bin/python -m pytest tests -m "not scheduler"
+
+## test-32: the same suite on Airflow 3.2, in .venv-airflow32 (real-scheduler and browser tests skip)
+test-32:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) .venv-airflow32
+	$(UV) pip install --quiet --python .venv-airflow32/bin/python "apache-airflow>=3.2,<3.3" -e ".[test]"
+	AIRFLOW__CORE__UNIT_TEST_MODE=True .venv-airflow32/bin/python -m pytest tests -m "not scheduler"
 
 ## lint: ruff (style, imports, the one-way dependency rule) and mypy (types) over the package
 lint: venv
@@ -49,4 +56,4 @@ benchmark: venv
 	$(PY) benchmarks/job_scale.py calls
 
 clean:
-	rm -rf $(VENV) .venv-airflow31 .airflow .pytest_cache
+	rm -rf $(VENV) .venv-airflow31 .venv-airflow32 .airflow .pytest_cache
