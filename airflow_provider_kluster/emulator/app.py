@@ -512,6 +512,7 @@ def _add_batch_routes(api: FastAPI, emulator: KlusterEmulator) -> None:
 
     @api.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> Response:
+        emulator.note_poll(batch_id)
         batch = emulator.get_batch(batch_id)
         if batch is None:
             return plain_error(404, f"Batch {batch_id} not found")

@@ -249,6 +249,7 @@ class KlusterEmulator:
         #: Executions of each custom_id, over every batch (per-request faults depend on it).
         self._executions: Counter[str] = Counter()
         self._counters: Counter[str] = Counter()
+        self._polls: Counter[str] = Counter()  # GET /v1/batches/{id} per batch id
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -281,6 +282,16 @@ class KlusterEmulator:
         with self._lock:
             self._counters[key] += n
 
+    def note_poll(self, batch_id: str) -> None:
+        """Count one ``GET /v1/batches/{batch_id}`` (the route's counter counts every batch's together)."""
+        with self._lock:
+            self._polls[batch_id] += 1
+
+    def polls_of(self, batch_id: str) -> int:
+        """How often ``batch_id`` was fetched with ``GET /v1/batches/{batch_id}``: is *its* waiter polling?"""
+        with self._lock:
+            return self._polls[batch_id]
+
     def reset(self) -> None:
         """Forget every file, batch, upload, fault, counter and execution count (batch tasks are cancelled).
 
@@ -299,6 +310,7 @@ class KlusterEmulator:
             self._uploads.clear()
             self._executions.clear()
             self._counters.clear()
+            self._polls.clear()
             self.faults.clear()
         self._cancel_tasks(tasks)
         for rec in files:

@@ -791,8 +791,14 @@ def test_python_api_force_status_counters_reset(server: EmulatorServer, client: 
     assert counters["POST /v1/batches"] == 1
     assert counters["batches_created"] == 1
     assert counters["GET /v1/batches/{id}"] >= 1
+    other = create_batch(client, file_id)["id"]
+    client.get(f"/batches/{other}")
+    assert emu.polls_of(batch_id) == counters["GET /v1/batches/{id}"]  # each batch's polls on their own
+    assert emu.polls_of(other) == 1
+    assert emu.polls_of("never-polled") == 0
     emu.reset()
     assert emu.counters == {}
+    assert emu.polls_of(batch_id) == 0
     assert emu.list_batch_ids() == []
     assert emu.faults.rules == []
     assert client.get("/files").json()["data"] == []

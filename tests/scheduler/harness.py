@@ -730,6 +730,25 @@ class AirflowCluster:
     def log_path(self, name: str) -> Path:
         return self._log_files[name]
 
+    def mentions(self, *needles: str, limit: int = 40) -> str:
+        """Lines of every component's and task's log holding any of ``needles``, last ``limit``, for reports.
+
+        Put first in a timeout's message, they survive where a CI log keeps only the head and tail of a
+        failure: what each triggerer and task said about one batch (a cancel verdict, a state that could not be
+        read, a hand-over).
+        """
+        found: list[str] = []
+        for path in [*sorted(self._log_files.values()), *self.task_logs()]:
+            try:
+                with open(path, errors="replace") as fh:
+                    name = path.name if path in self._log_files.values() else str(path.relative_to(self.home))
+                    found.extend(
+                        f"[{name}] {line.rstrip()[:400]}" for line in fh if any(n in line for n in needles)
+                    )
+            except FileNotFoundError:
+                continue
+        return "\n".join(found[-limit:]) or f"(no log line mentions {needles})"
+
     def task_logs(self, dag_id: str | None = None) -> list[Path]:
         """Task log files written under ``<home>/logs`` (optionally of one DAG)."""
         root = self.home / "logs"
@@ -903,16 +922,28 @@ def batch_status(server: EmulatorServer, batch_id: str) -> str:
     return server.emulator.get_batch_raw(batch_id)["status"]
 
 
-def wait_for_cancel(server: EmulatorServer, batch_id: str, timeout: float = 60) -> str:
-    """Wait until the batch is ``cancelling`` or ``cancelled``; return the status."""
+#: What the trigger and the operator log about a kill, for :func:`wait_for_cancel`'s report.
+KILL_LOG_NEEDLES = ("NOT cancelled", "Reading the task instance", "Traceback")
+
+
+def wait_for_cancel(
+    server: EmulatorServer, batch_id: str, timeout: float = 60, *, cluster: AirflowCluster | None = None
+) -> str:
+    """Wait until the batch is ``cancelling`` or ``cancelled``; return the status.
+
+    With ``cluster``, a timeout's message starts with what the logs say about the batch and about kills.
+    """
+
+    def report() -> str:
+        said = f"Logs: {cluster.mentions(batch_id, *KILL_LOG_NEEDLES)}\n" if cluster is not None else ""
+        return f"{said}It is {server.emulator.get_batch_raw(batch_id)}; counters {server.emulator.counters}"
+
     return wait_until(
         lambda: (s := batch_status(server, batch_id)) in CANCELLED and s,
         timeout,
         interval=0.25,
         what=f"batch {batch_id} to be cancelling/cancelled",
-        on_timeout=lambda: (
-            f"It is {server.emulator.get_batch_raw(batch_id)}; counters {server.emulator.counters}"
-        ),
+        on_timeout=report,
     )
 
 
@@ -920,17 +951,26 @@ def cancel_calls(server: EmulatorServer) -> int:
     return server.emulator.counters.get(CANCEL_ROUTE, 0)
 
 
-def polls(server: EmulatorServer) -> int:
+def polls(server: EmulatorServer, batch_id: str | None = None) -> int:
+    """Polls (``GET /v1/batches/{id}``) so far: of ``batch_id``, or of every batch together."""
+    if batch_id is not None:
+        return server.emulator.polls_of(batch_id)
     return server.emulator.counters.get(POLL_ROUTE, 0)
 
 
-def wait_for_polling(server: EmulatorServer, since: int, timeout: float = 60) -> None:
-    """Wait until the batch was polled again after ``since`` polls (the waiter is really running)."""
+def wait_for_polling(
+    server: EmulatorServer, since: int, timeout: float = 60, *, batch_id: str | None = None
+) -> None:
+    """Wait for a poll after ``since`` polls: of ``batch_id`` (its waiter is really running), or of any batch.
+
+    Prefer ``batch_id``: another test's leftovers (a cancel confirming its batch, a re-run) poll too, and a poll
+    of theirs taken for this waiter's lets a test act before this trigger even runs.
+    """
     wait_until(
-        lambda: polls(server) > since,
+        lambda: polls(server, batch_id) > since,
         timeout,
         interval=0.25,
-        what="the batch to be polled",
+        what=f"batch {batch_id} to be polled" if batch_id else "a batch to be polled",
         on_timeout=lambda: f"counters {server.emulator.counters}",
     )
 

@@ -162,7 +162,9 @@ def test_kill_9_of_the_task_process_mid_wait_reattaches_on_retry(cluster, emulat
         with cluster.report_on_failure(dag_id=WORKER_DAG, extra=lambda: emulator_report(server)):
             first = wait_for_try(api, WORKER_DAG, run_id, 1, "running", timeout=120)
             batch_id = wait_for_batch(server, run_id)
-            wait_for_polling(server, polls(server))  # the operator is in its wait loop on the worker
+            wait_for_polling(
+                server, polls(server, batch_id), batch_id=batch_id
+            )  # the operator is in its wait loop
 
             pid = wait_until(
                 lambda: cluster.task_process(first["id"]),
@@ -199,7 +201,7 @@ def test_kill_9_of_the_task_process_mid_wait_reattaches_on_retry(cluster, emulat
             first_log = task_log(cluster, WORKER_DAG, run_id, 1)
             assert "REATTACHING" not in first_log
             assert "terminated by signal" in first_log, first_log[-4000:]  # the supervisor saw the kill
-            wait_for_polling(server, polls(server))  # try 2 polls the same batch
+            wait_for_polling(server, polls(server, batch_id), batch_id=batch_id)  # try 2 polls the same batch
 
             assert [b["id"] for b in batches_of_run(server, run_id)] == [batch_id]
             assert batch_status(server, batch_id) == "in_progress"
@@ -234,11 +236,11 @@ def test_triggerer_restarts_mid_wait_keep_the_same_batch(revive_triggerer, emula
         with cluster.report_on_failure(dag_id=TRIGGERER_DAG, extra=lambda: emulator_report(server)):
             api.wait_for_ti_state(TRIGGERER_DAG, run_id, TASK, "deferred", timeout=120)
             batch_id = wait_for_batch(server, run_id)
-            wait_for_polling(server, polls(server))  # the trigger runs
+            wait_for_polling(server, polls(server, batch_id), batch_id=batch_id)  # the trigger runs
 
             # A graceful restart (SIGTERM, as a deploy does): the trigger is stopped, never killed.
             cluster.restart("triggerer")
-            wait_for_polling(server, polls(server))  # the new triggerer took the trigger over
+            wait_for_polling(server, polls(server, batch_id), batch_id=batch_id)  # the new triggerer has it
             assert api.ti_state(TRIGGERER_DAG, run_id, TASK) == "deferred"
             assert batch_status(server, batch_id) == "in_progress"
             assert cancel_calls(server) == cancels_before, server.emulator.counters
@@ -246,13 +248,15 @@ def test_triggerer_restarts_mid_wait_keep_the_same_batch(revive_triggerer, emula
             # A crash: kill -9 of the triggerer's whole process group, then a new triggerer. It takes the trigger
             # over once the dead one's heartbeat is older than triggerer_health_check_threshold.
             cluster.kill("triggerer")
-            polled = polls(server)
+            polled = polls(server, batch_id)
             time.sleep(2.5)
-            assert polls(server) == polled, "the batch was still polled after the triggerer was killed"
+            assert polls(server, batch_id) == polled, (
+                "the batch was still polled after the triggerer was killed"
+            )
             started = time.time()
             cluster.start_component("triggerer")
             cluster.wait_healthy(60, components=["triggerer"], heartbeat_after=started)
-            wait_for_polling(server, polled, timeout=90)
+            wait_for_polling(server, polled, timeout=90, batch_id=batch_id)
             assert api.ti_state(TRIGGERER_DAG, run_id, TASK) == "deferred"
             assert batch_status(server, batch_id) == "in_progress"
             assert cancel_calls(server) == cancels_before, server.emulator.counters
@@ -283,7 +287,7 @@ def test_a_deadline_survives_a_triggerer_crash(revive_triggerer, emulator_server
         with cluster.report_on_failure(dag_id=DEADLINE_DAG, extra=lambda: emulator_report(server)):
             api.wait_for_ti_state(DEADLINE_DAG, run_id, TASK, "deferred", timeout=120)
             batch_id = wait_for_batch(server, run_id)
-            wait_for_polling(server, polls(server))
+            wait_for_polling(server, polls(server, batch_id), batch_id=batch_id)
             deadline = float(server.emulator.get_batch(batch_id).created_at) + DEADLINE_SECONDS
 
             cluster.kill("triggerer")
@@ -311,7 +315,7 @@ def test_a_deadline_survives_a_triggerer_crash(revive_triggerer, emulator_server
             assert fired_at <= max(deadline, started_at) + 5, (fired_at, deadline, started_at)
 
             assert done["try_number"] == 1
-            assert wait_for_cancel(server, batch_id) in ("cancelling", "cancelled")
+            assert wait_for_cancel(server, batch_id, cluster=cluster) in ("cancelling", "cancelled")
             assert "KlusterBatchTimeoutError" in task_log(cluster, DEADLINE_DAG, run_id, 1)
             assert [b["id"] for b in batches_of_run(server, run_id)] == [batch_id]
             assert counter(server, "batches_created") == created_before + 1, server.emulator.counters

@@ -63,14 +63,13 @@ def test_clearing_a_deferred_task_cancels_its_batch(cluster, emulator_server):
     try:
         with cluster.report_on_failure(dag_id=DEFERRED_DAG, extra=lambda: emulator_report(emulator_server)):
             api.wait_for_ti_state(DEFERRED_DAG, run_id, TASK, "deferred", timeout=120)
-            polled = polls(emulator_server)
             batch_id = wait_for_batch(emulator_server, run_id)
-            wait_for_polling(emulator_server, polled)
+            wait_for_polling(emulator_server, polls(emulator_server, batch_id), batch_id=batch_id)
             calls_before = cancel_calls(emulator_server)
 
             api.clear_ti(DEFERRED_DAG, run_id, TASK)
 
-            assert wait_for_cancel(emulator_server, batch_id) in CANCELLED
+            assert wait_for_cancel(emulator_server, batch_id, cluster=cluster) in CANCELLED
             assert cancel_calls(emulator_server) > calls_before, emulator_server.emulator.counters
             # Cancelled by the cleared try's trigger (its log: attempt=1) — or, when the re-run was quick enough to
             # be deferred again before that trigger read the state (then "deferred": the triggerer cannot tell that
@@ -108,7 +107,7 @@ def test_marking_a_running_task_failed_cancels_its_batch(cluster, emulator_serve
 
             api.set_ti_state(WORKER_DAG, run_id, TASK, "failed")
 
-            assert wait_for_cancel(emulator_server, batch_id) in CANCELLED
+            assert wait_for_cancel(emulator_server, batch_id, cluster=cluster) in CANCELLED
             assert cancel_calls(emulator_server) > calls_before, emulator_server.emulator.counters
             assert api.ti_state(WORKER_DAG, run_id, TASK) == "failed"
             assert [b["id"] for b in batches_of_run(emulator_server, run_id)] == [batch_id]
@@ -123,14 +122,13 @@ def test_marking_a_deferred_task_failed_cancels_its_batch(fresh_triggerer, emula
     try:
         with cluster.report_on_failure(dag_id=DEFERRED_DAG, extra=lambda: emulator_report(emulator_server)):
             api.wait_for_ti_state(DEFERRED_DAG, run_id, TASK, "deferred", timeout=120)
-            polled = polls(emulator_server)
             batch_id = wait_for_batch(emulator_server, run_id)
-            wait_for_polling(emulator_server, polled)
+            wait_for_polling(emulator_server, polls(emulator_server, batch_id), batch_id=batch_id)
             calls_before = cancel_calls(emulator_server)
 
             api.set_ti_state(DEFERRED_DAG, run_id, TASK, "failed")
 
-            assert wait_for_cancel(emulator_server, batch_id) in CANCELLED
+            assert wait_for_cancel(emulator_server, batch_id, cluster=cluster) in CANCELLED
             assert cancel_calls(emulator_server) > calls_before, emulator_server.emulator.counters
             assert api.ti_state(DEFERRED_DAG, run_id, TASK) == "failed"
             assert [b["id"] for b in batches_of_run(emulator_server, run_id)] == [batch_id]

@@ -101,9 +101,8 @@ def start_waiting(cluster: AirflowCluster, server: Any, dag_id: str) -> tuple[st
     state = "deferred" if dag_id == DEFERRED_DAG else "running"
     run_id = cluster.api.trigger_run(dag_id)
     cluster.api.wait_for_ti_state(dag_id, run_id, TASK, state, timeout=120)
-    polled = polls(server)
     batch_id = wait_for_batch(server, run_id)
-    wait_for_polling(server, polled)
+    wait_for_polling(server, polls(server, batch_id), batch_id=batch_id)
     return run_id, batch_id
 
 
@@ -144,7 +143,7 @@ def test_a_slow_or_failing_cancel_lands(cluster, emulator_server, fault, dag_id,
             else:
                 api.set_ti_state(dag_id, run_id, TASK, "failed")
 
-            assert wait_for_cancel(server, batch_id, timeout=90) in CANCELLED
+            assert wait_for_cancel(server, batch_id, timeout=90, cluster=cluster) in CANCELLED
             wait_for_log(cluster, dag_id, run_id, "kluster confirmed the cancel")
             if action == "clear":
                 # The cleared try's own kill cancelled it, not the re-run's _give_up ("cleared after it was
@@ -290,7 +289,7 @@ def test_clear_with_a_delayed_triggerer_gets_a_new_batch(cluster, emulator_serve
                 api.clear_ti(DEFERRED_DAG, run_id, TASK)
                 # The re-run gives the cleared try's batch up and submits a new one, triggerers still stopped.
                 new_batch = wait_for_batch(server, run_id, attempt=2, timeout=120)
-                assert wait_for_cancel(server, batch_id) in CANCELLED
+                assert wait_for_cancel(server, batch_id, cluster=cluster) in CANCELLED
                 time.sleep(max(0.0, cleared_at + 10 - time.monotonic()))  # delayed 10 s at least
             finally:
                 cluster.resume("triggerer")
@@ -343,7 +342,7 @@ def test_marking_the_run_failed_cancels(cluster, emulator_server, dag_id):
         with cluster.report_on_failure(dag_id=dag_id, extra=lambda: emulator_report(server)):
             run_id, batch_id = start_waiting(cluster, server, dag_id)
             api.set_run_state(dag_id, run_id, "failed")
-            assert wait_for_cancel(server, batch_id, timeout=90) in CANCELLED
+            assert wait_for_cancel(server, batch_id, timeout=90, cluster=cluster) in CANCELLED
             wait_for_log(cluster, dag_id, run_id, "kluster confirmed the cancel")
             assert [b["id"] for b in batches_of_run(server, run_id)] == [batch_id]
     finally:
