@@ -118,6 +118,8 @@ def parse_result_line(line: str | bytes) -> ResultRecord:
         data = json.loads(line)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         return _unparseable(line, str(exc))
+    except RecursionError:
+        return _unparseable(line, "nested too deeply to read")
     if not isinstance(data, dict):
         return _unparseable(line, f"expected a JSON object, got {type(data).__name__}")
     try:

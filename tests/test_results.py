@@ -169,8 +169,12 @@ def test_failed_line_without_message_keeps_raw_text_in_error():
         ("{not json", "unparseable result line: Expecting property name"),
         ("[1, 2]", "unparseable result line: expected a JSON object, got list"),
         (b"\xff\xfe{", "unparseable result line: "),
+        (
+            b'{"custom_id": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "unparseable result line: nested",
+        ),
     ],
-    ids=["broken-json", "not-object", "bad-bytes"],
+    ids=["broken-json", "not-object", "bad-bytes", "nested-too-deeply"],
 )
 def test_unparseable_line_never_raises(line, reason):
     record = parse_result_line(line)
