@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 
-.PHONY: venv test test-oldest test-32 lint demo emulator benchmark clean
+.PHONY: venv test test-oldest test-32 lint demo emulator benchmark bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -55,5 +55,23 @@ benchmark: venv
 	$(PY) benchmarks/job_scale.py rss
 	$(PY) benchmarks/job_scale.py calls
 
+## bench: every side-by-side comparison (ours vs providers-openai, common.ai, bare httpx2 loops, curl) in one run,
+## written to benchmarks/RESULTS.md; the peers come from the bench extra, in .venv-bench (never the test venv)
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(BENCH_VENV)
+	$(UV) pip install --quiet --python $(BENCH_VENV)/bin/python -e ".[bench]"
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/bench.py $(if $(QUICK),--quick)
+
+## bench-quick: the same, short (under 5 minutes)
+bench-quick: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/bench.py --quick
+
 clean:
-	rm -rf $(VENV) .venv-airflow31 .venv-airflow32 .airflow .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .venv-airflow31 .venv-airflow32 .airflow .pytest_cache

@@ -22,6 +22,11 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RETRIES = 5
 #: Base of the batch page links shown in the Airflow UI.
 DEFAULT_PLATFORM_URL = "https://platform.kluster.ai"
+#: Most HTTP connections the async client shared by every wait of one connection in a triggerer opens to
+#: kluster.ai, all of them kept alive between polls. A thousand waits polling every 5 s against a 100 ms API keep
+#: about 20 requests in flight; a pool sized for reuse avoids both waiting for a connection and the churn of
+#: opening and closing hundreds (the client's own default allows 1,000 and keeps 100).
+DEFAULT_MAX_CONNECTIONS = 50
 
 _CONN_FIELDS: dict[str, dict[str, Any]] = {
     "timeout": {
@@ -33,6 +38,12 @@ _CONN_FIELDS: dict[str, dict[str, Any]] = {
         "label": "Max retries",
         "schema": {"type": ["integer", "null"], "default": DEFAULT_MAX_RETRIES},
         "description": "Retries of one call on connection errors, 408, 409, 429 and 5xx.",
+    },
+    "max_connections": {
+        "label": "Max connections (triggerer)",
+        "schema": {"type": ["integer", "null"], "default": DEFAULT_MAX_CONNECTIONS, "minimum": 1},
+        "description": "HTTP connections to the API that all waits of this connection in one triggerer share "
+        "(all kept alive between polls).",
     },
     "platform_url": {
         "label": "Platform URL (extra link)",

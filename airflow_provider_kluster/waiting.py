@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -31,6 +31,11 @@ from airflow_provider_kluster.exceptions import (
 #: How many failed polls in a row are tolerated; one more ends the wait (each poll already retries inside the
 #: client).
 DEFAULT_MAX_CONSECUTIVE_ERRORS = 5
+#: Seconds between progress lines of a wait while its progress moves: at most one line a minute, however often
+#: it polls (a new status is logged at once).
+PROGRESS_EVERY = 60.0
+#: Seconds between progress lines while nothing changes: one every five minutes shows the wait is alive.
+QUIET_PROGRESS_EVERY = 300.0
 
 
 class WaitOutcome(str, Enum):
@@ -74,12 +79,52 @@ _RAISES: Mapping[WaitOutcome, type[KlusterBatchError]] = {
 }
 
 
+_NOTHING_LOGGED = object()
+
+
+@dataclass
+class ProgressPace:
+    """Decide when a wait's progress is worth a line in the task log — not at every poll.
+
+    A line when the wait starts and when ``urgent`` (a new status); while the progress moves (``key`` differs
+    from the last line's), at most one per ``every`` seconds; while it stands still, one per ``quiet_every``
+    seconds. A thousand waits polling every few seconds then write a line each when something happens, not
+    one per poll.
+    """
+
+    every: float = PROGRESS_EVERY
+    quiet_every: float = QUIET_PROGRESS_EVERY
+    last_key: Hashable = field(default=_NOTHING_LOGGED, repr=False)
+    last_at: float = 0.0
+
+    def due(self, key: Hashable, now: float, *, urgent: bool = False) -> bool:
+        """Tell whether to write a line now (``now`` in seconds, any fixed origin); if so, remember it."""
+        if self.last_key is _NOTHING_LOGGED or urgent:
+            due = True
+        else:
+            due = now - self.last_at >= (self.every if key != self.last_key else self.quiet_every)
+        if due:
+            self.last_key, self.last_at = key, now
+        return due
+
+
 @dataclass
 class Progress:
-    """Turn successive polls of one batch into ``done/total, failed, rate, ETA`` lines."""
+    """Turn successive polls of one batch into ``done/total, failed, rate, ETA`` lines, and pace them."""
 
     first_done: int | None = None
     first_time: float = field(default_factory=time.monotonic)
+    pace: ProgressPace = field(default_factory=ProgressPace)
+
+    def line_due(self, batch: KlusterBatch, now: float) -> str:
+        """Return the progress line if one is due at this poll (see :class:`ProgressPace`), else ``""``."""
+        counts = batch.request_counts
+        key = (batch.status_text, counts.total, counts.completed, counts.failed)
+        last = self.pace.last_key
+        new_status = isinstance(last, tuple) and last[0] != key[0]
+        if not self.pace.due(key, now, urgent=new_status):
+            return ""
+        return self.describe(batch, now)
 
     def describe(self, batch: KlusterBatch, now: float | None = None) -> str:
         """Return one progress line for the batch as just polled (``now`` in seconds, any fixed origin)."""
@@ -192,8 +237,8 @@ def raise_for_event(event: dict[str, Any]) -> None:
 class Decision:
     """What to do after one poll: poll again after ``delay`` seconds, or end with ``event``.
 
-    ``log_line`` says what the poll showed (a progress line, or why a failed poll is tolerated), at
-    ``log_level``.
+    ``log_line`` says what the poll showed (a progress line when one is due, or why a failed poll is
+    tolerated), at ``log_level``; empty when the poll showed nothing worth a line.
     """
 
     delay: float = 0.0
@@ -225,6 +270,8 @@ class WaitPolicy:
       ``error``; a permanent one (rejected key, batch gone, bad request) ends it at once. A successful poll
       resets the count.
     * No delay runs past the deadline.
+    * Progress lines are paced (:class:`ProgressPace`): the first poll, every new status and the end are logged;
+      moving counts at most once a minute; a wait where nothing changes once every five minutes.
 
     :param batch_id: The batch waited for (named in every event and line).
     :param poll_interval: Seconds between polls of a running batch.
@@ -260,11 +307,12 @@ class WaitPolicy:
         """Decide on a successful poll."""
         self.errors_in_a_row = 0
         self.last = batch
-        line = self.progress.describe(batch, now)
         if batch.is_terminal:
-            return Decision(event=event_for_batch(batch), log_line=line)
+            return Decision(event=event_for_batch(batch), log_line=self.progress.describe(batch, now))
         if self._past_deadline(now):
-            return Decision(event=self.timeout_event(), log_line=line)
+            return Decision(event=self.timeout_event(), log_line=self.progress.describe(batch, now))
+        # Logged when the status or the counts change, or now and then (ProgressPace), not at every poll.
+        line = self.progress.line_due(batch, now)
         return Decision(delay=self.clamp(self.poll_interval, now), log_line=line)
 
     def after_error(self, exc: KlusterAPIError, now: float) -> Decision:

@@ -7,6 +7,7 @@ so the hook parses exactly what the docs show, over real HTTP.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,12 +18,17 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    client: tuple[str, int] = ("", 0)  # the client's address: one port per TCP connection
 
 
 @dataclass
 class CannedServer:
     routes: dict[tuple[str, str], tuple[int, bytes, dict[str, str]]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
+    #: HTTP/1.1 with keep-alive (connections reused, as kluster's are) instead of one connection per request.
+    keep_alive: bool = False
+    #: Seconds each answer takes.
+    delay: float = 0.0
 
     def add(self, method: str, path: str, body: bytes | str, status: int = 200, **headers: str) -> None:
         data = body.encode() if isinstance(body, str) else body
@@ -36,6 +42,8 @@ class CannedServer:
         canned = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if canned.keep_alive else "HTTP/1.0"
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -43,7 +51,11 @@ class CannedServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 path = self.path.split("?", 1)[0]
-                canned.requests.append(Recorded(self.command, self.path, dict(self.headers), body))
+                canned.requests.append(
+                    Recorded(self.command, self.path, dict(self.headers), body, tuple(self.client_address))
+                )
+                if canned.delay:
+                    time.sleep(canned.delay)
                 status, data, headers = canned.routes.get(
                     (self.command, path), (404, b'{"message": "no canned route", "errorCode": -1}', {})
                 )

@@ -378,3 +378,43 @@ def test_the_loops_log_what_the_policy_says(caplog):
         (logging.WARNING, "Polling batch b1 failed (1 of 5 in a row tolerated); next try in 2s"),
         (logging.INFO, "Batch b1 completed"),
     ]
+
+
+# -- progress lines are paced, not one per poll ------------------------------------------------------------------
+
+
+def _lines(polls: list[tuple[float, KlusterBatch]]) -> list[float]:
+    """Times (seconds after NOW) at which a wait polling ``polls`` writes a line."""
+    policy = WaitPolicy(batch_id="b1", poll_interval=5.0)
+    return [t for t, b in polls if policy.decide(b, NOW + t).log_line]
+
+
+def test_a_wait_where_nothing_moves_writes_a_line_every_five_minutes():
+    polls = [(t * 5.0, batch("in_progress")) for t in range(0, 125)]  # 620 s
+    assert _lines(polls) == [0.0, 300.0, 600.0]
+
+
+def test_moving_counts_write_at_most_a_line_a_minute():
+    polls = [
+        (t * 5.0, batch("in_progress", total=1000, completed=t, failed=0)) for t in range(0, 37)
+    ]  # 180 s
+    assert _lines(polls) == [0.0, 60.0, 120.0, 180.0]
+
+
+def test_a_new_status_is_logged_at_once_and_the_end_always():
+    polls = [
+        (0.0, batch("validating", completed=0, failed=0)),
+        (5.0, batch("validating", completed=0, failed=0)),
+        (10.0, batch("in_progress", completed=0, failed=0)),
+        (15.0, batch("in_progress", completed=1, failed=0)),
+        (20.0, batch("finalizing", completed=10, failed=0)),
+        (25.0, batch("completed", completed=10, failed=0, output_file_id="o1")),
+    ]
+    assert _lines(polls) == [0.0, 10.0, 20.0, 25.0]
+
+
+def test_a_tolerated_failed_poll_is_always_logged():
+    policy = WaitPolicy(batch_id="b1", poll_interval=5.0)
+    assert policy.decide(batch("in_progress"), NOW).log_line
+    assert policy.decide(api_error(503), NOW + 5).log_line
+    assert not policy.decide(batch("in_progress"), NOW + 10).log_line

@@ -835,6 +835,31 @@ class KlusterEmulator:
                 ids.append(batch.id)
         return ids
 
+    def seed_files(
+        self, count: int, *, age: float = 86_400.0, purpose: str = "batch", filename: str = "old.jsonl"
+    ) -> list[str]:
+        """Add ``count`` empty files uploaded ``age`` seconds ago, as an account in use has.
+
+        For tests and benchmarks of listing and scanning. Files list in the order they were added, so seed
+        before the files the test makes.
+        """
+        created = time.time() - age
+        ids = []
+        with self._lock:
+            for i in range(count):
+                file_id, path, server_name = self.new_upload_target(filename)
+                path.touch()
+                self._files[file_id] = FileRecord(
+                    id=file_id,
+                    bytes=0,
+                    created_at=created + i * 0.001,
+                    filename=server_name,
+                    purpose=purpose,
+                    path=path,
+                )
+                ids.append(file_id)
+        return ids
+
     def delete_batch(self, batch_id: str, *, delete_files: bool = False) -> bool:
         """Forget a batch (optionally with its input/output/error files)."""
         with self._lock:

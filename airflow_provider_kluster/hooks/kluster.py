@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import hashlib
 import io
+import json
+import logging
+import math
 import os
 import pathlib
+import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,6 +36,7 @@ from airflow_provider_kluster.connection import (
     CONN_TYPE,
     DEFAULT_BASE_URL,
     DEFAULT_CONN_ID,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RETRIES,
     DEFAULT_PLATFORM_URL,
     DEFAULT_TIMEOUT,
@@ -84,47 +91,95 @@ class ClientSettings:
     timeout: float
     max_retries: int
     platform_url: str
+    #: Connections of the shared async client (see :data:`~airflow_provider_kluster.connection.DEFAULT_MAX_CONNECTIONS`).
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __repr__(self) -> str:  # never show the key
         return (
             f"ClientSettings(base_url={self.base_url!r}, timeout={self.timeout}, "
-            f"max_retries={self.max_retries})"
+            f"max_retries={self.max_retries}, max_connections={self.max_connections})"
         )
 
     @property
     def cache_key(self) -> tuple:
         """Return a key identifying the client these settings build, holding a digest of the key, not the key."""
         digest = hashlib.sha256(self.api_key.encode()).hexdigest()
-        return (self.base_url, digest, self.timeout, self.max_retries)
+        return (self.base_url, digest, self.timeout, self.max_retries, self.max_connections)
+
+    @property
+    def pool_limits(self) -> httpx2.Limits:
+        """Return the shared async client's pool: ``max_connections`` connections, every one kept alive."""
+        return httpx2.Limits(
+            max_connections=self.max_connections, max_keepalive_connections=self.max_connections
+        )
 
 
 # One AsyncOpenAI client per (event loop, settings): a triggerer runs every trigger in one loop, and building a
-# client costs ~20 ms of loop time and ~850 KB, so a thousand waiting batches share one client.
+# client costs ~20 ms of loop time and ~850 KB, so a thousand waiting batches share one client — and its pool of
+# ``max_connections`` connections, all kept alive (the SDK's default pool, 1,000 connections of which 100 are kept,
+# opened and closed hundreds of sockets under a thousand waits; its bookkeeping took two thirds of the loop's CPU).
 @dataclass
 class _SharedAsyncClient:
-    """One async client, the loop it is bound to, and how many waits hold it."""
+    """One async client, the loop it is bound to, and how many waits hold it.
+
+    ``http`` is the client's own connection pool; ``base_url``, ``headers`` and ``max_retries`` are what a poll's
+    lighter GET (:meth:`KlusterHook.aget_batch`) sends on it and how often it tries, read once from the client.
+    """
 
     key: tuple
     loop: asyncio.AbstractEventLoop
     client: openai.AsyncOpenAI
+    http: httpx2.AsyncClient
+    base_url: str
+    headers: dict[str, str] = field(repr=False)  # holds the key
+    max_retries: int = 0
     users: int = 0
+
+    @classmethod
+    def build(cls, key: tuple, loop: asyncio.AbstractEventLoop, s: ClientSettings) -> _SharedAsyncClient:
+        """Build the client of ``s``, its pool sized by ``s.pool_limits``."""
+        http = openai.DefaultAsyncHttpxClient(timeout=s.timeout, limits=s.pool_limits)
+        client = openai.AsyncOpenAI(
+            base_url=s.base_url,
+            api_key=s.api_key,
+            timeout=s.timeout,
+            max_retries=s.max_retries,
+            http_client=http,
+        )
+        sent = {**client.default_headers, **client.auth_headers}
+        headers = {name: value for name, value in sent.items() if isinstance(value, str)}
+        headers.pop("Content-Type", None)  # a GET has no body
+        base_url = str(client.base_url).rstrip("/")
+        return cls(key, loop, client, http, base_url, headers, s.max_retries)
 
 
 _ASYNC_CLIENTS: dict[tuple, _SharedAsyncClient] = {}
 # Connection lookups of async hooks, reused for SETTINGS_TTL seconds: a triggerer resuming a thousand waits
-# looks the connection up once, and a rotated key is picked up within the TTL.
+# looks the connection up once (the waits that ask while it runs wait for that lookup, they start none of their
+# own), and a rotated key is picked up within the TTL.
 _ASYNC_SETTINGS: dict[tuple, tuple[float, ClientSettings]] = {}
+_ASYNC_LOOKUPS: dict[tuple, asyncio.Task[ClientSettings]] = {}
 SETTINGS_TTL = 60.0
+
+# The retry rules of the openai SDK, which the poll's lighter GET keeps: 0.5 s doubling up to 8 s, less up to
+# 25 % of jitter; a server's Retry-After (or retry-after-ms) of up to two minutes is waited instead, a longer one
+# is not retried; x-should-retry is obeyed; otherwise connection errors, 408, 409, 429 and 5xx are retried.
+_RETRY_DELAY = 0.5
+_RETRY_DELAY_MAX = 8.0
+_RETRY_AFTER_MAX = 120.0
 
 
 def settings_from_connection(
     conn: Connection, *, timeout: float | None = None, max_retries: int | None = None
 ) -> ClientSettings:
-    """Read the base URL, API key, timeout and retries from a kluster connection.
+    """Read the base URL, API key, timeout, retries and pool size from a kluster connection.
 
     The host may be a full URL (``http://127.0.0.1:8000/v1``) or a bare host name; a bare local host is
     reached over http, any other over https, with ``port`` and ``schema`` (the URI path) appended.
     The extra ``base_url`` wins over the host.
+
+    :raises KlusterConfigError: No API key, or an extra that is not a number (``max_connections``: not a whole
+        number of at least 1).
     """
     extra = conn.extra_dejson or {}
     base_url = extra.get("base_url") or _base_url_from_host(conn.host, conn.port, conn.schema)
@@ -151,7 +206,98 @@ def settings_from_connection(
         timeout=number("timeout", timeout, DEFAULT_TIMEOUT, float),
         max_retries=number("max_retries", max_retries, DEFAULT_MAX_RETRIES, int),
         platform_url=str(extra.get("platform_url") or DEFAULT_PLATFORM_URL).rstrip("/"),
+        max_connections=_pool_size(conn.conn_id, extra.get("max_connections")),
     )
+
+
+def _pool_size(conn_id: str | None, value: object) -> int:
+    """Return the ``max_connections`` extra as a whole number of at least 1 (unset: the default)."""
+    if value in (None, ""):
+        return DEFAULT_MAX_CONNECTIONS
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or number < 1:
+        raise KlusterConfigError(
+            f"Connection {conn_id!r}: extra 'max_connections' must be a whole number of at least 1 (the HTTP "
+            f"connections a triggerer's waits share; default {DEFAULT_MAX_CONNECTIONS}), got {value!r}."
+        )
+    return number
+
+
+def _forget_lookup(key: tuple, lookup: asyncio.Task[ClientSettings]) -> None:
+    if _ASYNC_LOOKUPS.get(key) is lookup:
+        del _ASYNC_LOOKUPS[key]
+    if not lookup.cancelled():
+        lookup.exception()  # read: a lookup that failed for its waiters is no "exception never retrieved"
+
+
+async def _let_go(shared: _SharedAsyncClient) -> None:
+    """Release one hold of ``shared``; the last holder closes it."""
+    shared.users -= 1
+    if shared.users <= 0:
+        if _ASYNC_CLIENTS.get(shared.key) is shared:
+            del _ASYNC_CLIENTS[shared.key]
+        await shared.client.close()
+
+
+def _retry_after(headers: httpx2.Headers) -> float | None:
+    """Return the seconds a server asked to wait (``retry-after-ms``, ``retry-after`` in seconds or as a date)."""
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            with contextlib.suppress(ValueError):
+                return float(value) / divisor
+    value = headers.get("retry-after")
+    if value:
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    return None
+
+
+def _should_retry(response: httpx2.Response) -> bool:
+    """Tell whether a failed answer is worth another try (the openai SDK's rules)."""
+    after = _retry_after(response.headers)
+    if after is not None and after > _RETRY_AFTER_MAX:
+        return False
+    told = response.headers.get("x-should-retry")
+    if told in ("true", "false"):
+        return told == "true"
+    return is_transient_status(response.status_code)
+
+
+def _retry_delay(retry: int, headers: httpx2.Headers | None) -> float:
+    """Return the seconds before retry number ``retry + 1``: what the server asked for, else the backoff."""
+    after = _retry_after(headers) if headers is not None else None
+    if after is not None and math.isfinite(after) and 0 < after <= _RETRY_AFTER_MAX:
+        return after
+    return min(_RETRY_DELAY * 2.0**retry, _RETRY_DELAY_MAX) * (1 - 0.25 * random.random())
+
+
+def _status_error(response: httpx2.Response) -> openai.APIStatusError:
+    """Return the SDK's error for a failed answer, as the SDK builds it (body parsed if it is JSON)."""
+    text = response.text.strip()
+    body: object = text
+    with contextlib.suppress(ValueError):
+        body = json.loads(text)
+    return openai.APIStatusError(f"Error code: {response.status_code}", response=response, body=body)
+
+
+def _quiet_request_log() -> None:
+    """Keep httpx2's line per request (``HTTP Request: GET …`` at INFO) out of the task logs.
+
+    Airflow sets the ``httpx`` logger to WARNING in every process it configures, but (3.3) not ``httpx2``, which
+    the openai SDK 3 rides on: every poll of every wait wrote that line into its task log, beside the progress
+    line, and every upload or create beside the hook's own line saying what it did. A level configured for
+    ``httpx2`` (in Airflow's logging config or anywhere else) is left as it is.
+    """
+    transport_log = logging.getLogger("httpx2")
+    if transport_log.level == logging.NOTSET:
+        transport_log.setLevel(logging.WARNING)
 
 
 def _base_url_from_host(host: str | None, port: int | None, schema: str | None) -> str:
@@ -293,12 +439,21 @@ class KlusterHook(BaseHook):
             if cached is not None and cached[0] > time.monotonic():
                 self._async_settings = cached[1]
             else:
-                conn = await self._alookup_connection()
-                self._async_settings = settings_from_connection(
-                    conn, timeout=self._timeout, max_retries=self._max_retries
-                )
-                _ASYNC_SETTINGS[key] = (time.monotonic() + SETTINGS_TTL, self._async_settings)
+                loop = asyncio.get_running_loop()
+                lookup_key = (id(loop), *key)
+                lookup = _ASYNC_LOOKUPS.get(lookup_key)
+                if lookup is None or lookup.get_loop() is not loop:
+                    lookup = _ASYNC_LOOKUPS[lookup_key] = loop.create_task(self._alookup_settings(key))
+                    lookup.add_done_callback(lambda done: _forget_lookup(lookup_key, done))
+                # Shielded: a wait cancelled meanwhile does not cancel the lookup the others wait for.
+                self._async_settings = await asyncio.shield(lookup)
         return self._async_settings
+
+    async def _alookup_settings(self, key: tuple) -> ClientSettings:
+        conn = await self._alookup_connection()
+        settings = settings_from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
+        _ASYNC_SETTINGS[key] = (time.monotonic() + SETTINGS_TTL, settings)
+        return settings
 
     async def _alookup_connection(self) -> Connection:
         """Look the connection up without blocking the loop, from wherever Airflow keeps it.
@@ -324,6 +479,7 @@ class KlusterHook(BaseHook):
     def get_conn(self) -> openai.OpenAI:
         """Build a synchronous ``openai.OpenAI`` client pointed at kluster.ai."""
         s = self.settings
+        _quiet_request_log()  # the hook logs what each call did; httpx2's line per request only repeats it
         return openai.OpenAI(
             base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries
         )
@@ -388,10 +544,8 @@ class KlusterHook(BaseHook):
         # Drop clients of loops that are gone so the cache does not grow.
         for stale in [k for k, v in _ASYNC_CLIENTS.items() if v.loop.is_closed()]:
             del _ASYNC_CLIENTS[stale]
-        client = openai.AsyncOpenAI(
-            base_url=s.base_url, api_key=s.api_key, timeout=s.timeout, max_retries=s.max_retries
-        )
-        shared = _ASYNC_CLIENTS[key] = _SharedAsyncClient(key=key, loop=loop, client=client)
+        _quiet_request_log()
+        shared = _ASYNC_CLIENTS[key] = _SharedAsyncClient.build(key, loop, s)
         return shared
 
     async def get_async_conn(self) -> openai.AsyncOpenAI:
@@ -413,11 +567,7 @@ class KlusterHook(BaseHook):
         try:
             yield shared.client
         finally:
-            shared.users -= 1
-            if shared.users <= 0:
-                if _ASYNC_CLIENTS.get(shared.key) is shared:
-                    del _ASYNC_CLIENTS[shared.key]
-                await shared.client.close()
+            await _let_go(shared)
 
     def _secret(self) -> str | None:
         settings = self.__dict__.get("settings") or self._async_settings
@@ -848,9 +998,61 @@ class KlusterHook(BaseHook):
         )
 
     async def aget_batch(self, batch_id: str) -> KlusterBatch:
-        """Return a batch, normalized, without blocking the event loop."""
-        data = await self._ajson("get", f"/batches/{batch_id}", call="get batch", resource_id=batch_id)
+        """Return a batch, normalized, without blocking the event loop.
+
+        This is the one call each poll of a wait makes, a thousand waits of a triggerer making it every few
+        seconds: it goes straight to the shared client's connection pool (:meth:`_aget_object`), not through the
+        SDK's request building, with the same headers, retries and errors.
+        """
+        data = await self._aget_object(f"/batches/{batch_id}", call="get batch", resource_id=batch_id)
         return KlusterBatch.from_api(data)
+
+    async def _aget_object(self, path: str, *, call: str, resource_id: str | None = None) -> Any:
+        """GET ``path`` on the shared async client's pool; return the JSON object it answers.
+
+        What the SDK would do, minus its per-request machinery (options models, copies, the response wrapper):
+        the client's own headers, its timeout and ``max_retries`` retries by the SDK's rules (see
+        ``_RETRY_DELAY``), and a final failure mapped by :func:`api_error` like every other call's.
+        """
+        shared = await self._shared_client()
+        shared.users += 1
+        try:
+            url = shared.base_url + path
+            retry = 0
+            while True:
+                try:
+                    response = await shared.http.get(url, headers=shared.headers)
+                except (httpx2.RequestError, ssl.SSLError) as exc:  # no answer: connection, timeout, TLS
+                    if retry >= shared.max_retries:
+                        error = self._error(exc, call, resource_id)
+                        break
+                    delay, why = _retry_delay(retry, None), type(exc).__name__
+                else:
+                    if response.is_success:
+                        try:
+                            data = response.json()
+                        except ValueError as exc:  # a body that is not JSON
+                            error = _malformed(exc, call, resource_id)
+                            break
+                        return _expect_object(data, call, resource_id)
+                    if retry >= shared.max_retries or not _should_retry(response):
+                        error = self._error(_status_error(response), call, resource_id)
+                        break
+                    delay, why = _retry_delay(retry, response.headers), f"HTTP {response.status_code}"
+                retry += 1
+                self.log.info(
+                    "kluster.ai %s %s failed (%s); retrying in %.1fs (%d of %d)",
+                    call,
+                    resource_id or "",
+                    why,
+                    delay,
+                    retry,
+                    shared.max_retries,
+                )
+                await asyncio.sleep(delay)
+        finally:
+            await _let_go(shared)
+        raise error  # outside the except block: no __context__ (the response, its body)
 
     def cancel_batch(self, batch_id: str) -> KlusterBatch:
         """Ask kluster.ai to cancel a batch; it usually answers ``cancelling`` and stops within 10 minutes.

@@ -13,13 +13,16 @@ from airflow_provider_kluster.exceptions import KlusterAPIError
 from airflow_provider_kluster.hooks.kluster import KlusterHook
 from airflow_provider_kluster.jobs import JobWatch
 from airflow_provider_kluster.triggers.kluster import FIRST_POLL_SPREAD, KlusterBatchTrigger
-from airflow_provider_kluster.waiting import DEFAULT_MAX_CONSECUTIVE_ERRORS, WaitPolicy
+from airflow_provider_kluster.waiting import (
+    DEFAULT_MAX_CONSECUTIVE_ERRORS,
+    PROGRESS_EVERY,
+    ProgressPace,
+    WaitPolicy,
+)
 
-__all__ = ["KlusterJobTrigger"]
+__all__ = ["PROGRESS_EVERY", "KlusterJobTrigger"]
 #: Most polls of one job in flight at once.
 POLL_CONCURRENCY = 16
-#: Seconds between the job's progress lines in the task log (one line for all its batches).
-PROGRESS_EVERY = 60.0
 
 
 class KlusterJobTrigger(KlusterBatchTrigger):
@@ -29,7 +32,8 @@ class KlusterJobTrigger(KlusterBatchTrigger):
     the first one ended (``fire_on_first_end``: shards wait for a free slot), or one stalled for ``stall_timeout``,
     or polling failed for good, or the deadline passed. All batches are polled with the connection's shared
     async client, at most :data:`POLL_CONCURRENCY` at a time; the task log gets one progress line for the whole
-    job every :data:`PROGRESS_EVERY` seconds, not one per batch.
+    job, not one per batch, paced like a single batch's (:class:`~airflow_provider_kluster.waiting.ProgressPace`):
+    at most one a minute while requests get done or batches end, one every five minutes while nothing moves.
 
     Killed by a person (Airflow 3.3+: a clear, mark failed), it cancels every batch it waits for, by the same
     rules as :class:`~.kluster.KlusterBatchTrigger`.
@@ -123,7 +127,7 @@ class KlusterJobTrigger(KlusterBatchTrigger):
         await asyncio.sleep(
             policy.clamp(random.uniform(0, min(self.poll_interval, FIRST_POLL_SPREAD)), time.time())
         )
-        last_line = 0.0
+        pace = ProgressPace()
         while True:
             pending = watch.pending
             answers = await asyncio.gather(*(poll(batch_id) for batch_id in pending))
@@ -135,9 +139,9 @@ class KlusterJobTrigger(KlusterBatchTrigger):
             if event is not None:
                 self.log.info("%s. %s", event["message"], watch.describe(now))
                 return event
-            if now - last_line >= PROGRESS_EVERY:
+            done = sum(watch.last_counts.values())
+            if pace.due((done, len(watch.pending)), now):
                 self.log.info("%s", watch.describe(now))
-                last_line = now
             await asyncio.sleep(delay)
 
     async def _cancel(self, reason: str) -> None:

@@ -313,6 +313,7 @@ def test_connection_form_save_and_test(api_server, emulator_server, browser):
         assert json.loads(stored["extra"]) == {
             "timeout": 10,
             "max_retries": 2,
+            "max_connections": fields["max_connections"]["schema"]["default"],
             "platform_url": fields["platform_url"]["schema"]["default"],
         }
         page.shot("03-connections-list")
