@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import accumulate, islice
 from typing import IO, Any
 
 from airflow_provider_kluster.paths import PathLike, as_path, move_into_place, temp_sibling
@@ -41,10 +43,6 @@ class JoinOutcome(Enum):
     SETTLED = "settled"
     #: Lines name it, but it was never requested: counted in ``unexpected``, never written, never summed.
     UNEXPECTED = "unexpected"
-
-
-#: The file each pending failure is in, in the order the files are read.
-_PENDING_FAILURES = (JoinOutcome.FAILED_IN_OUTPUT, JoinOutcome.FAILED_IN_ERRORS)
 
 
 @dataclass
@@ -122,12 +120,7 @@ def parse_result_line(line: str | bytes) -> ResultRecord:
         return _unparseable(line, "nested too deeply to read")
     if not isinstance(data, dict):
         return _unparseable(line, f"expected a JSON object, got {type(data).__name__}")
-    try:
-        return _record_of(data)
-    except Exception as exc:  # a shape no one foresaw must not stop the join
-        return ResultRecord(
-            custom_id=_custom_id(data), succeeded=False, error=f"unreadable result line: {exc}", raw=data
-        )
+    return _guarded_record_of(data)
 
 
 def _unparseable(line: str | bytes, reason: str) -> ResultRecord:
@@ -240,23 +233,295 @@ def _snippet(value: Any) -> str:
     return text if len(text) <= _SNIPPET_CHARS else f"{text[:_SNIPPET_CHARS]}..."
 
 
+# -- reading a successful line fast ----------------------------------------------------------------------
+
+#: The C scanner behind ``json.loads``, called on a line's text directly: the same values, without the work
+#: ``json.loads`` does around it on every call (encoding detection, whitespace regexes).
+# typeshed does not declare the decoder's ``scan_once`` nor ``json.decoder.scanstring``; both are public in CPython.
+_SCAN: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+#: The C reader of one JSON string literal that scanner uses: ``(value, end)`` from just after its quote.
+_SCAN_STRING: Any = json.decoder.scanstring  # type: ignore[attr-defined]
+#: What ``json.dumps(..., ensure_ascii=False)`` writes a string with.
+_ENCODE_STR = json.encoder.encode_basestring
+_JSON_SPACE = " \t\n\r"
+_CONTENT_KEY = '"content"'
+
+#: ``(custom_id, content as JSON text, finish_reason, model, status_code, prompt, completion, total tokens)``
+#: of a success.
+_Success = tuple[str, str, "str | None", "str | None", int, int, int, int]
+
+
+class _LineReader:
+    """Read result lines: the usual successes straight into the fields of their record, any other line with
+    :func:`parse_result_line` — the two ways always agree.
+
+    A success's answer is written to the records file as the JSON string literal the line holds, never decoded
+    and encoded again: the line is parsed with that literal swapped for ``NaN`` (read as a marker, so its text is
+    not decoded a second time) after :func:`json.decoder.scanstring` has checked the literal is valid. The marker
+    is trusted only when it is the line's only constant and sits at ``choices[0].message.content``; it then can
+    only be the swapped literal (the ``NaN`` replaces a string that follows ``"content":``, so it is read as a
+    value exactly where that string was, and everything else reads as in the line itself). Any doubt — no such
+    literal, a ``NaN`` of the line's own, an unusual type anywhere — and the line is parsed whole.
+    """
+
+    def __init__(self) -> None:
+        self._marks = 0
+        self._marker = object()
+        self._scan_marked: Any = json.JSONDecoder(parse_constant=self._mark).scan_once  # type: ignore[attr-defined]
+
+    def _mark(self, name: str) -> object:
+        self._marks += 1
+        return self._marker
+
+    def read(self, raw: bytes) -> _Success | ResultRecord | None:
+        """Return a success's fields, else the line's record; ``None`` for a blank line."""
+        if raw[:1] != b"{":
+            return parse_result_line(raw) if raw.strip() else None
+        try:
+            text = raw.decode()
+        except (
+            UnicodeDecodeError
+        ):  # parse_result_line reads encoded surrogates (as json.loads does) or says why
+            return parse_result_line(raw)
+        data = literal = None
+        start = text.find(_CONTENT_KEY)
+        while start > 0:
+            if text[start - 1] != "\\":
+                if text.startswith('": "', start + 8):
+                    at = start + 11
+                elif text.startswith('":"', start + 8):
+                    at = start + 10
+                else:
+                    at = 0
+                if at:
+                    data, literal = self._read_marked(text, at)
+                    break
+            start = text.find(_CONTENT_KEY, start + 9)
+        if data is None:
+            try:
+                data, end = _SCAN(text, 0)
+            except Exception:  # not JSON, nested too deeply: parse_result_line says why
+                return parse_result_line(raw)
+            if end != len(text) and text[end:].strip(_JSON_SPACE):
+                return parse_result_line(raw)
+        fields = _success_fields(data, literal, self._marker)
+        if fields is not None:
+            return fields
+        # A failure, or a success of an unusual shape: read as parse_result_line reads it.
+        return parse_result_line(raw) if literal is not None else _guarded_record_of(data)
+
+    def _read_marked(self, text: str, at: int) -> tuple[Any, str | None]:
+        """Parse ``text`` with the string literal at ``at`` swapped for the marker; ``(None, None)`` on doubt."""
+        try:
+            _, end = _SCAN_STRING(text, at + 1)
+            doc = f"{text[:at]}NaN{text[end:]}"
+            marks = self._marks
+            data, doc_end = self._scan_marked(doc, 0)
+        except Exception:  # an invalid literal or line: parsed whole, which says why
+            return None, None
+        if self._marks != marks + 1 or (doc_end != len(doc) and doc[doc_end:].strip(_JSON_SPACE)):
+            return None, None
+        return data, text[at:end]
+
+
+def _success_fields(data: dict[str, Any], literal: str | None, marker: object) -> _Success | None:
+    """Return the fields of a success in the usual shape, as :func:`parse_result_line` would read them, or
+    ``None`` for anything else (a failure, a numeric string, a body sent as text, …)."""
+    custom_id = data.get("custom_id")
+    response = data.get("response")
+    if type(custom_id) is not str or type(response) is not dict or data.get("error"):
+        return None
+    status = response.get("status_code")
+    body = response.get("body")
+    if type(status) is not int or not 200 <= status < 300 or type(body) is not dict:
+        return None
+    choices = body.get("choices")
+    if type(choices) is not list or not choices or type(choices[0]) is not dict:
+        return None
+    first = choices[0]
+    message = first.get("message")
+    if type(message) is not dict:
+        return None
+    content = message.get("content")
+    if literal is not None:
+        if content is not marker:
+            return None
+    elif content is None:
+        literal = "null"
+    elif type(content) is str:
+        literal = _ENCODE_STR(content)
+    else:
+        return None
+    finish_reason = first.get("finish_reason")
+    model = body.get("model")
+    if not ((finish_reason is None or type(finish_reason) is str) and (model is None or type(model) is str)):
+        return None
+    usage = body.get("usage")
+    if type(usage) is not dict:
+        return custom_id, literal, finish_reason, model, status, 0, 0, 0
+    # Any falsy count is 0, as in _usage_of; a truthy one other than an int goes the slow way.
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    total = usage.get("total_tokens") or 0
+    if type(prompt) is not int or type(completion) is not int or type(total) is not int:
+        return None
+    return custom_id, literal, finish_reason, model, status, prompt, completion, total
+
+
+def _guarded_record_of(data: dict[str, Any]) -> ResultRecord:
+    """What :func:`parse_result_line` makes of a line that parsed to the object ``data``."""
+    try:
+        return _record_of(data)
+    except Exception as exc:  # a shape no one foresaw must not stop the join
+        return ResultRecord(
+            custom_id=_custom_id(data), succeeded=False, error=f"unreadable result line: {exc}", raw=data
+        )
+
+
+def _success_line(fields: _Success) -> bytes:
+    """Return the record line of a success: what ``json.dumps`` writes of its :meth:`ResultRecord.to_dict`,
+    except that the answer is the line's own literal (the same string, perhaps escaped otherwise)."""
+    custom_id, content, finish_reason, model, status, prompt, completion, total = fields
+    text = (
+        f'{{"custom_id": {_ENCODE_STR(custom_id)}, "status": "succeeded", "content": {content}, '
+        f'"finish_reason": {"null" if finish_reason is None else _ENCODE_STR(finish_reason)}, '
+        f'"usage": {{"prompt_tokens": {prompt}, "completion_tokens": {completion}, "total_tokens": {total}}}, '
+        f'"error": null, "status_code": {status}, "model": {"null" if model is None else _ENCODE_STR(model)}}}\n'
+    )
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a "\ud800" escape in the line): write it escaped again
+        return (json.dumps(json.loads(text)) + "\n").encode()
+
+
+def _record_line(record: ResultRecord) -> bytes:
+    """Return a record's line for the records file (failed records with ``raw``), always valid UTF-8."""
+    data = record.to_dict(include_raw=True)
+    try:
+        return (json.dumps(data, ensure_ascii=False, default=str) + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate: escaped, so the line stays UTF-8 and reads back the same
+        return (json.dumps(data, default=str) + "\n").encode()
+
+
+# -- the ids of one join ----------------------------------------------------------------------------------
+
+# Where one id stands (JoinOutcome, one byte each).
+_REQUESTED, _SUCCEEDED, _FAILED_IN_OUTPUT, _FAILED_IN_ERRORS, _SETTLED, _UNEXPECTED = range(6)
+#: A repeat of an id earlier in the requested ids: kept in order, never found, never counted.
+_REPEATED = 6
+_LOAD_CHUNK = 4096
+
+
+class _Ids:
+    """Distinct ``custom_id`` values, exactly, in the order first added, each with a state byte.
+
+    The ids' UTF-8 bytes lie one after another in one ``bytearray``; an open-addressing table of 4-byte slots
+    (linear probing, at most 2/3 full) keyed by each id's ``hash`` finds them, and a match is confirmed byte for
+    byte, so two ids are never taken for one. No Python object is kept per id: an id of ``n`` UTF-8 bytes
+    costs ``n + 11`` to ``n + 17`` bytes (its bytes, its end offset, its state, its slots).
+    """
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        #: Id ``k`` is ``_blob[_bounds[k]:_bounds[k + 1]]``.
+        self._bounds = array("I", [0])
+        self.states = bytearray()
+        self._slots = array("I", [0]) * 16
+        self._mask = 15
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @classmethod
+    def of(cls, custom_ids: Iterable[Any]) -> _Ids:
+        """Return a table of ``custom_ids`` (consumed once), each :data:`_REQUESTED`; a repeat is marked
+        :data:`_REPEATED`, so the first of them stands for all."""
+        ids = cls()
+        hashes = array("q")
+        source = iter(custom_ids)
+        while chunk := list(map(str, islice(source, _LOAD_CHUNK))):
+            encoded = [custom_id.encode("utf-8", "surrogatepass") for custom_id in chunk]
+            ids._blob += b"".join(encoded)
+            ends = accumulate(map(len, encoded), initial=ids._bounds[-1])
+            next(ends)
+            ids._extend_bounds(ends)
+            hashes.extend(map(hash, chunk))
+        ids.states = bytearray(len(hashes))
+        size = 16
+        while size * 2 < len(hashes) * 3:
+            size *= 2
+        ids._slots, ids._mask = array("I", [0]) * size, size - 1
+        ids._index(range(len(hashes)), hashes)
+        return ids
+
+    def find(self, custom_id: str) -> int:
+        """Return the index of ``custom_id``, or ``-1``."""
+        key = custom_id.encode("utf-8", "surrogatepass")
+        slots, mask, bounds, blob = self._slots, self._mask, self._bounds, self._blob
+        i = hash(custom_id) & mask
+        while slot := slots[i]:
+            if blob[bounds[slot - 1] : bounds[slot]] == key:
+                return slot - 1
+            i = (i + 1) & mask
+        return -1
+
+    def add(self, custom_id: str, state: int) -> int:
+        """Add ``custom_id`` (not in the table: :meth:`find` said so) with ``state``; return its index."""
+        index = len(self.states)
+        self._blob += custom_id.encode("utf-8", "surrogatepass")
+        self._extend_bounds((len(self._blob),))
+        self.states.append(state)
+        if (index + 1) * 3 > len(self._slots) * 2:
+            self._slots, self._mask = array("I", [0]) * (len(self._slots) * 2), len(self._slots) * 2 - 1
+            self._index(range(index + 1), None)
+        else:
+            self._index((index,), (hash(custom_id),), fresh=True)
+        return index
+
+    def id_at(self, index: int) -> str:
+        """Return the id at ``index``."""
+        return self._blob[self._bounds[index] : self._bounds[index + 1]].decode("utf-8", "surrogatepass")
+
+    def _extend_bounds(self, ends: Iterable[int]) -> None:
+        try:
+            self._bounds.extend(ends)
+        except OverflowError:  # over 4 GiB of ids: 8-byte offsets from here on
+            self._bounds = array("Q", self._bounds)
+            self._bounds.extend(ends)
+
+    def _index(self, indexes: Iterable[int], hashes: Any, *, fresh: bool = False) -> None:
+        """Put ids in the slots (their hashes given, or computed); mark an id met again :data:`_REPEATED`."""
+        slots, mask, bounds, blob, states = self._slots, self._mask, self._bounds, self._blob, self.states
+        for k in indexes:
+            if states[k] == _REPEATED:
+                continue
+            key = blob[bounds[k] : bounds[k + 1]]
+            h = hash(key.decode("utf-8", "surrogatepass")) if hashes is None else hashes[0 if fresh else k]
+            i = h & mask
+            while slot := slots[i]:
+                if blob[bounds[slot - 1] : bounds[slot]] == key:
+                    states[k] = _REPEATED
+                    break
+                i = (i + 1) & mask
+            else:
+                slots[i] = k + 1
+
+
 # -- the join --------------------------------------------------------------------------------------------
 
 
 class _Join:
-    """State of one join: the best outcome per ``custom_id`` and the running totals of the manifest.
+    """State of one join: each ``custom_id``'s standing (:class:`JoinOutcome`, one byte in :class:`_Ids`) and
+    the running totals of the manifest.
 
-    With ``requested`` (the input's ids, consumed here, once), :attr:`outcome` starts with one
-    :attr:`JoinOutcome.REQUESTED` entry per distinct id, so a line for any other id is told apart by the same
-    dict lookup that finds its outcome; it adds one :attr:`JoinOutcome.UNEXPECTED` entry. Without it, every
-    id read counts as requested.
+    With ``requested`` (the input's ids, consumed here, once) every distinct id starts
+    :attr:`JoinOutcome.REQUESTED`, so a line for any other id is told apart by the same lookup that finds its
+    standing; it is added :attr:`JoinOutcome.UNEXPECTED`. Without it, every id read counts as requested.
     """
 
     def __init__(self, *, requested: Iterable[str] | None, return_records: int, max_listed_ids: int) -> None:
         self.requested_only = requested is not None
-        self.outcome: dict[str, JoinOutcome] = (
-            {} if requested is None else dict.fromkeys(map(str, requested), JoinOutcome.REQUESTED)
-        )
+        self.ids = _Ids() if requested is None else _Ids.of(requested)
         self.succeeded = self.failed = self.missing = self.unexpected = 0
         self.duplicates = self.unparseable = 0
         self.usage = dict.fromkeys(_USAGE_KEYS, 0)
@@ -265,74 +530,123 @@ class _Join:
         self.unexpected_ids: list[str] = []
         self.first_errors: list[str] = []
         self.records: list[dict[str, Any]] = []
+        #: Per file, where each id's first failure line starts (the second pass reads only those).
+        self.pending: dict[int, array[int]] = {_FAILED_IN_OUTPUT: array("Q"), _FAILED_IN_ERRORS: array("Q")}
         self._return_records = return_records
         self._max_listed_ids = max_listed_ids
 
-    def read_line(self, record: ResultRecord, where: JoinOutcome, out: IO[str] | None) -> None:
-        """Pass one: take a line of the file ``where`` stands for; write it now if it is the id's first success."""
-        custom_id = record.custom_id
-        if custom_id is None:
-            self.unparseable += 1
-            self._note_error(record.error)
+    def read_file(self, source: Any, where: int, out: IO[bytes] | None) -> None:
+        """Pass one over the file ``where`` stands for: write each id's first success as it is read, note where
+        each id's first failure is (it may yet be superseded by a success)."""
+        pending = self.pending[where]
+        ids = self.ids
+        find, states = ids.find, ids.states
+        read = _LineReader().read
+        offset = 0
+        with source.open("rb") as handle:
+            for raw in handle:
+                start = offset
+                offset += len(raw)
+                fields = read(raw)
+                if fields is None:
+                    continue
+                if not isinstance(fields, ResultRecord):
+                    record = None
+                    custom_id, succeeded = fields[0], True
+                else:
+                    record = fields
+                    if record.custom_id is None:
+                        self.unparseable += 1
+                        self._note_error(record.error)
+                        continue
+                    custom_id, succeeded = record.custom_id, record.succeeded
+                index = find(custom_id)
+                if index < 0:
+                    if self.requested_only:
+                        self._add_unexpected(custom_id)
+                        continue
+                    index = ids.add(custom_id, _REQUESTED)
+                # The common case, a requested id's first line, costs one lookup and one comparison.
+                state = states[index]
+                if state != _REQUESTED:
+                    if state == _UNEXPECTED:
+                        continue
+                    self.duplicates += 1
+                    if state == _SUCCEEDED or not succeeded:
+                        continue
+                if not succeeded:
+                    states[index] = where
+                    pending.append(start)
+                    continue
+                states[index] = _SUCCEEDED
+                self.succeeded += 1
+                if record is None:
+                    self._emit_success(fields, out)  # type: ignore[arg-type]  # a success's fields (record is None)
+                else:
+                    self._emit(record, out)
+
+    def write_winning_failures(self, source: Any, where: int, out: IO[bytes] | None) -> None:
+        """Pass two: read again only the first failure of each id of the file; write it if no success came."""
+        starts = self.pending[where]
+        if not starts:
             return
-        seen = self.outcome.get(custom_id)
-        # The common case, a requested id's first line, costs this one dict lookup and one comparison.
-        if seen is not JoinOutcome.REQUESTED:
-            if seen is None:
-                if self.requested_only:
-                    self._add_unexpected(custom_id)
-                    return
-            elif seen is JoinOutcome.UNEXPECTED:
-                return
-            else:
-                self.duplicates += 1
-                if seen is JoinOutcome.SUCCEEDED or not record.succeeded:
-                    return
-        if record.succeeded:
-            self.outcome[custom_id] = JoinOutcome.SUCCEEDED
-            self.succeeded += 1
-            self._emit(record, out)
-        else:
-            self.outcome[custom_id] = where
+        find, states = self.ids.find, self.ids.states
+        with source.open("rb") as handle:
+            for start in starts:
+                handle.seek(start)
+                record = parse_result_line(handle.readline())
+                index = -1 if record.custom_id is None else find(record.custom_id)
+                if index < 0 or states[index] != where:
+                    continue  # superseded by a success (or the file changed under us)
+                states[index] = _SETTLED
+                self.failed += 1
+                if len(self.failed_ids) < self._max_listed_ids:
+                    self.failed_ids.append(record.custom_id)  # type: ignore[arg-type]
+                self._note_error(record.error)
+                self._emit(record, out)
 
-    def write_winning_failure(self, record: ResultRecord, where: JoinOutcome, out: IO[str] | None) -> None:
-        """Pass two: take a line again; write it if it is the first failure of an id that never succeeded."""
-        if record.custom_id is None or record.succeeded or self.outcome.get(record.custom_id) is not where:
-            return
-        self.outcome[record.custom_id] = JoinOutcome.SETTLED
-        self.failed += 1
-        if len(self.failed_ids) < self._max_listed_ids:
-            self.failed_ids.append(record.custom_id)
-        self._note_error(record.error)
-        self._emit(record, out)
+    def files_with_pending_failures(self) -> list[int]:
+        """Return which files hold first failures not settled yet, in reading order."""
+        return [where for where, starts in self.pending.items() if starts]
 
-    def files_with_pending_failures(self) -> list[JoinOutcome]:
-        """Return which files hold winning failures not written yet, in reading order."""
-        pending = set(self.outcome.values())
-        return [where for where in _PENDING_FAILURES if where in pending]
-
-    def write_missing(self, out: IO[str] | None) -> None:
+    def write_missing(self, out: IO[bytes] | None) -> None:
         """After both passes: count and write each requested id with no line in either file, in input order."""
-        for custom_id, seen in self.outcome.items():
-            if seen is JoinOutcome.REQUESTED:
-                self.missing += 1
-                if len(self.missing_ids) < self._max_listed_ids:
-                    self.missing_ids.append(custom_id)
-                self._emit(missing_record(custom_id), out)
+        states = self.ids.states
+        index = states.find(_REQUESTED)
+        while index >= 0:
+            custom_id = self.ids.id_at(index)
+            self.missing += 1
+            if len(self.missing_ids) < self._max_listed_ids:
+                self.missing_ids.append(custom_id)
+            self._emit(missing_record(custom_id), out)
+            index = states.find(_REQUESTED, index + 1)
 
     def _add_unexpected(self, custom_id: str) -> None:
-        self.outcome[custom_id] = JoinOutcome.UNEXPECTED
+        self.ids.add(custom_id, _UNEXPECTED)
         self.unexpected += 1
         if len(self.unexpected_ids) < self._max_listed_ids:
             self.unexpected_ids.append(custom_id)
 
-    def _emit(self, record: ResultRecord, out: IO[str] | None) -> None:
+    def _emit_success(self, fields: _Success, out: IO[bytes] | None) -> None:
+        usage = self.usage
+        usage["prompt_tokens"] += fields[5]
+        usage["completion_tokens"] += fields[6]
+        usage["total_tokens"] += fields[7]
+        keep = len(self.records) < self._return_records
+        if out is not None or keep:
+            line = _success_line(fields)
+            if out is not None:
+                out.write(line)
+            if keep:
+                self.records.append(json.loads(line))
+
+    def _emit(self, record: ResultRecord, out: IO[bytes] | None) -> None:
         for key in _USAGE_KEYS:
             self.usage[key] += record.usage.get(key, 0)
         if len(self.records) < self._return_records:
             self.records.append(record.to_dict())
         if out is not None:
-            out.write(json.dumps(record.to_dict(include_raw=True), ensure_ascii=False, default=str) + "\n")
+            out.write(_record_line(record))
 
     def _note_error(self, error: str | None) -> None:
         if error and error not in self.first_errors and len(self.first_errors) < MAX_FIRST_ERRORS:
@@ -351,19 +665,20 @@ def join_results(
 ) -> dict[str, Any]:
     """Join a batch's output and error files by ``custom_id``; write the joined records; return a manifest.
 
-    Results are accounted against the input. ``expected_ids`` is read first, once, into one small entry per
+    Results are accounted against the input. ``expected_ids`` is read first, once, into one compact entry per
     distinct id (an id listed twice counts once). Per requested ``custom_id`` the best line wins: the first
     success, else the first failure, the output file read before the error file; every further line for that
     id counts as a duplicate. A line whose ``custom_id`` was never requested counts only in ``unexpected``
     (distinct ids, listed in ``unexpected_ids``): never as succeeded or failed, not in ``duplicates``,
     ``usage`` or ``first_errors``, and not in the records file. So with ``expected_ids``,
     ``succeeded + failed + missing == total`` is the number of distinct requested ids, and every one of them
-    has exactly one record.
+    has exactly one record. Ids are compared exactly (byte for byte), never by a digest.
 
     The files are streamed once; a successful record is written as soon as it is read. A failure may still be
-    superseded by a success further on (a retried request), so winning failures are written in a second pass,
-    over only the file(s) holding them, once every id's outcome is known. Memory holds one small entry per
-    distinct ``custom_id`` (requested or read), whatever the files' size.
+    superseded by a success further on (a retried request), so winning failures are written in a second pass
+    that reads again only the first failure line of each id (from where pass one saw it start), once every
+    id's outcome is known. Memory holds each distinct ``custom_id``'s UTF-8 bytes plus 11 to 17 bytes (no
+    Python object per id), and 8 bytes per failed request, whatever the files' size.
 
     Without ``expected_ids``, every id read counts as requested and ``unexpected`` is 0. ``expected_total``
     (e.g. kluster's request count, when the input file is gone) then only sets ``missing`` to
@@ -371,10 +686,10 @@ def join_results(
     failed)``. More ids than requests there are logged as a warning but not reported as ``unexpected``,
     since nothing tells which ids they are (and counting them twice would break the sum).
 
-    The records file (JSONL, one line per id, :meth:`ResultRecord.to_dict` form; failed records add ``raw``,
-    the line as kluster wrote it) lists successes in output order, then failures, then missing ids in input
-    order. Lines naming no ``custom_id`` (or not JSON) count as ``unparseable``: they reach ``first_errors``,
-    not the file.
+    The records file (JSONL, UTF-8, one line per id, :meth:`ResultRecord.to_dict` form; failed records add
+    ``raw``, the line as kluster wrote it) lists successes in output order, then failures, then missing ids in
+    input order. Lines naming no ``custom_id`` (or not JSON) count as ``unparseable``: they reach
+    ``first_errors``, not the file.
 
     :param output_path: The downloaded output file; ``None`` or a path that does not exist when there is none.
     :param error_path: The downloaded error file; ``None`` or a path that does not exist when there is none.
@@ -390,8 +705,8 @@ def join_results(
         ``unexpected_ids``, ``first_errors``, ``records`` (when ``return_records``), ``records_path``.
     """
     sources = {
-        JoinOutcome.FAILED_IN_OUTPUT: _existing(output_path, "output"),
-        JoinOutcome.FAILED_IN_ERRORS: _existing(error_path, "error"),
+        _FAILED_IN_OUTPUT: _existing(output_path, "output"),
+        _FAILED_IN_ERRORS: _existing(error_path, "error"),
     }
     join = _Join(
         requested=expected_ids, return_records=max(0, return_records), max_listed_ids=max(0, max_listed_ids)
@@ -399,11 +714,10 @@ def join_results(
     dest = as_path(records_path) if records_path is not None else None
     with _records_writer(dest) as out:
         for where, source in sources.items():
-            for record in _iter_records(source):
-                join.read_line(record, where, out)
+            if source is not None:
+                join.read_file(source, where, out)
         for where in join.files_with_pending_failures():
-            for record in _iter_records(sources[where]):
-                join.write_winning_failure(record, where, out)
+            join.write_winning_failures(sources[where], where, out)
         if join.requested_only:
             join.write_missing(out)
         elif expected_total is not None:
@@ -465,18 +779,8 @@ def _existing(location: PathLike | None, kind: str) -> Any:
     return path
 
 
-def _iter_records(source: Any) -> Iterator[ResultRecord]:
-    """Yield a record per non-blank line of ``source`` (nothing when it is ``None``), streamed."""
-    if source is None:
-        return
-    with source.open("rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                yield parse_result_line(raw)
-
-
 @contextlib.contextmanager
-def _records_writer(dest: Any) -> Iterator[IO[str] | None]:
+def _records_writer(dest: Any) -> Iterator[IO[bytes] | None]:
     """Open a temporary sibling of ``dest`` for writing; rename it onto ``dest`` only when all went well."""
     if dest is None:
         yield None
@@ -484,7 +788,7 @@ def _records_writer(dest: Any) -> Iterator[IO[str] | None]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(dest)
     try:
-        with tmp.open("w", encoding="utf-8") as out:
+        with tmp.open("wb") as out:
             yield out
         move_into_place(tmp, dest)
     finally:

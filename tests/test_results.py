@@ -194,6 +194,24 @@ def test_out_of_order_lines_join_to_their_ids(tmp_path):
     assert manifest["missing"] == 0
 
 
+def test_a_lone_surrogate_in_an_answer_does_not_stop_the_join(tmp_path):
+    """A ``\\ud800`` escape is valid JSON but no UTF-8: the records file keeps it escaped and reads back the same."""
+    lone = (
+        b'{"custom_id": "a", "response": {"status_code": 200, "body": {"choices": [{"message": {"content": '
+        b'"x\\ud800y"}, "finish_reason": "stop"}]}}}\n'
+    )
+    failed = (
+        b'{"custom_id": "b", "response": {"status_code": 500, "body": {"error": {"message": "\\udfff"}}}}\n'
+    )
+    (tmp_path / "out.jsonl").write_bytes(lone + failed)
+    records = tmp_path / "records.jsonl"
+    manifest = join_results(output_path=tmp_path / "out.jsonl", expected_ids=["a", "b"], records_path=records)
+    assert (manifest["succeeded"], manifest["failed"]) == (1, 1)
+    read = [json.loads(line) for line in records.read_bytes().decode("utf-8").splitlines()]
+    assert [r["custom_id"] for r in read] == ["a", "b"]
+    assert read[0]["content"] == "x\ud800y"
+
+
 def test_manifest_shape(tmp_path):
     output = jsonl(tmp_path / "out.jsonl", success("a"))
     errors = jsonl(tmp_path / "err.jsonl", http_failure("b"))
