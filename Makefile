@@ -30,10 +30,17 @@ test-oldest:
 	AIRFLOW__CORE__UNIT_TEST_MODE=True .venv-airflow31/bin/python -m pytest tests -m "not scheduler"
 
 ## test-32: the same suite on Airflow 3.2, in .venv-airflow32 (real-scheduler and browser tests skip)
+# Resolved as PyPI stood the day after 3.2.2's release (2026-05-29): newer cadwyn, fastapi, pydantic and svcs break
+# Airflow 3.2.2's own execution API ("needs a discriminator field", KeyError 'svcs_registry'), so dag.test() fails
+# in a venv resolved today. The openai client stack we need (openai 3, httpx2, httpcore2, and the idna and jiter
+# they ask for) came later and is taken as of AIRFLOW32_CLIENT_DATE.
+AIRFLOW32_DATE := 2026-05-30T00:00:00Z
+AIRFLOW32_CLIENT_DATE := 2026-12-05T00:00:00Z
+AIRFLOW32_RESOLUTION := --exclude-newer $(AIRFLOW32_DATE) $(foreach p,openai httpx2 httpcore2 idna jiter,--exclude-newer-package $(p)=$(AIRFLOW32_CLIENT_DATE))
 test-32:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) .venv-airflow32
-	$(UV) pip install --quiet --python .venv-airflow32/bin/python "apache-airflow>=3.2,<3.3" -e ".[test]"
+	$(UV) pip install --quiet --python .venv-airflow32/bin/python "apache-airflow>=3.2,<3.3" -e ".[test]" $(AIRFLOW32_RESOLUTION)
 	AIRFLOW__CORE__UNIT_TEST_MODE=True .venv-airflow32/bin/python -m pytest tests -m "not scheduler"
 
 ## lint: ruff (style, imports, the one-way dependency rule) and mypy (types) over the package

@@ -16,6 +16,7 @@ come from the ``bench`` extra: ``make bench`` installs it into ``.venv-bench``, 
     python benchmarks/bench.py --quick            # under 5 minutes: 200 waits, 64 MiB join, 3 rounds
     python benchmarks/bench.py                    # 1,000 and 3,000 waits, 1 GiB join, 3 rounds or more
     python benchmarks/bench.py --output /tmp/R.md # write elsewhere
+    python benchmarks/bench.py --baseline /tmp/kluster-before   # adds *-baseline contenders: before/after
 
 Nothing is asserted, and the test suite never runs this.
 """
@@ -45,18 +46,19 @@ PACKAGES = (
 )
 
 
-def _steps(quick: bool, rounds: int | None) -> list[tuple[str, list[str]]]:
+def _steps(quick: bool, rounds: int | None, baseline: str | None) -> list[tuple[str, list[str]]]:
     """The scripts to run, with their arguments, in order."""
+    before = ["--baseline", baseline] if baseline else []
     if quick:
         return [
-            ("trigger_scale", ["--quick"]),
-            ("data_paths", ["--quick"]),
+            ("trigger_scale", ["--quick", *before]),
+            ("data_paths", ["--quick", *before]),
             ("submit_calls", ["--quick"]),
         ]
     r = ["--rounds", str(rounds)] if rounds else []
     return [
-        ("trigger_scale", ["--n", "1000,3000", *(r or ["--rounds", "3"])]),
-        ("data_paths", r or ["--rounds", "3"]),
+        ("trigger_scale", ["--n", "1000,3000", *(r or ["--rounds", "3"]), *before]),
+        ("data_paths", [*(r or ["--rounds", "3"]), *before]),
         ("submit_calls", r or ["--rounds", "5"]),
     ]
 
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds of every script (default: theirs)")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--only", default=None, help="comma-separated scripts (trigger_scale,data_paths,...)")
+    parser.add_argument(
+        "--baseline", default=None, help="another source tree (e.g. a git archive of a release): before/after"
+    )
     args = parser.parse_args(argv)
 
     started = dt.datetime.now(dt.timezone.utc)
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     sections: list[str] = []
     failed: list[str] = []
-    steps = _steps(args.quick, args.rounds)
+    steps = _steps(args.quick, args.rounds, args.baseline)
     if args.only:
         wanted = set(args.only.split(","))
         steps = [s for s in steps if s[0] in wanted]
