@@ -23,10 +23,11 @@ DEFAULT_MAX_RETRIES = 5
 #: Base of the batch page links shown in the Airflow UI.
 DEFAULT_PLATFORM_URL = "https://platform.kluster.ai"
 #: Most HTTP connections the async client shared by every wait of one connection in a triggerer opens to
-#: kluster.ai, all of them kept alive between polls. A thousand waits polling every 5 s against a 100 ms API keep
-#: about 20 requests in flight; a pool sized for reuse avoids both waiting for a connection and the churn of
-#: opening and closing hundreds (the client's own default allows 1,000 and keeps 100).
-DEFAULT_MAX_CONNECTIONS = 50
+#: kluster.ai, all of them kept alive between polls. The pool bounds a triggerer's polls to ``max_connections /
+#: latency`` a second: 100 serves 3,000 waits polled every 5 s against a 100 ms API (600 a second; 50 served 61 %
+#: of them, benchmarks/RESULTS.md), and 30,000 polled every 60 s at 200 ms. Every connection kept alive avoids the
+#: churn of opening and closing hundreds (the client's own default allows 1,000 and keeps only 100).
+DEFAULT_MAX_CONNECTIONS = 100
 
 _CONN_FIELDS: dict[str, dict[str, Any]] = {
     "timeout": {

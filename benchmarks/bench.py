@@ -7,7 +7,8 @@ Runs, one after another (each interleaves its own contenders over its rounds and
 * ``data_paths.py`` — results join, validation, building against bare loops; download against ``curl -o`` and the
   SDK's ``.content``; upload against ``curl -F``;
 * ``submit_calls.py`` — one submit's API calls before it creates, with 2,000 batches and 2,000 files in the
-  account.
+  account;
+* ``profiles.py`` (not with ``--quick``) — cProfile of the trigger, join, validation and build paths.
 
 ``RESULTS.md`` gets a header (date, machine, load before and after, Python and package versions, commit), each
 script's section, and ``benchmarks/NOTES.md`` (the targets and what the profiles explain), verbatim. The peers
@@ -60,6 +61,7 @@ def _steps(quick: bool, rounds: int | None, baseline: str | None) -> list[tuple[
         ("trigger_scale", ["--n", "1000,3000", *(r or ["--rounds", "3"]), *before]),
         ("data_paths", [*(r or ["--rounds", "3"]), *before]),
         ("submit_calls", r or ["--rounds", "5"]),
+        ("profiles", []),  # where the time goes, for what is left between each path and its floor
     ]
 
 

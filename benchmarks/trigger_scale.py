@@ -338,8 +338,9 @@ def create_batches(port: int, count: int, latency: float) -> list[str]:
 def child_env(port: int, home: str, pool: int, pythonpath: str | None) -> dict[str, str]:
     base_url = f"http://127.0.0.1:{port}/v1"
     env = dict(os.environ, AIRFLOW_HOME=home, AIRFLOW__CORE__LOAD_EXAMPLES="False")
+    # --pool sizes our shared client too (an older tree, e.g. --baseline, ignores the extra).
     env["AIRFLOW_CONN_KLUSTER_DEFAULT"] = json.dumps(
-        {"conn_type": "kluster", "host": base_url, "password": API_KEY}
+        {"conn_type": "kluster", "host": base_url, "password": API_KEY, "extra": {"max_connections": pool}}
     )
     env["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
         {"conn_type": "openai", "host": base_url, "password": API_KEY}
@@ -482,7 +483,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1, help="seconds the emulator takes per poll")
     parser.add_argument("--warm", type=float, default=None, help="seconds before measuring")
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured")
-    parser.add_argument("--pool", type=int, default=None, help="pool of bare-pooled (default: ours)")
+    parser.add_argument(
+        "--pool", type=int, default=None, help="max_connections of ours and of bare-pooled (default: ours)"
+    )
     parser.add_argument("--contenders", default=None, help="comma-separated (default: all installed)")
     parser.add_argument("--baseline", default=None, help="source tree of kluster-baseline")
     parser.add_argument("--markdown", default=None, help="also write the report to this file")

@@ -131,8 +131,12 @@ def test_a_bad_max_connections_is_refused_naming_it(value):
 
 
 def test_the_default_pool_is_sized_for_reuse():
-    """Not the SDK's 1,000 connections of which 100 are kept: fewer, and every one kept alive."""
-    assert 32 <= DEFAULT_MAX_CONNECTIONS <= 64
+    """Not the SDK's 1,000 connections of which 100 are kept: no more than it keeps, and every one kept alive."""
+    from airflow.models.connection import Connection
+
+    assert 32 <= DEFAULT_MAX_CONNECTIONS <= 100
+    settings = settings_from_connection(Connection(conn_id="k", conn_type="kluster", password=TEST_API_KEY))
+    assert settings.pool_limits.max_keepalive_connections == settings.pool_limits.max_connections
 
 
 # -- the lighter GET behaves like the SDK's --------------------------------------------------------------------
