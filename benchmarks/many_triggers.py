@@ -14,9 +14,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,37 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_emulator(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "airflow_provider_kluster.emulator",
-            "--port",
-            str(port),
-            "--api-key",
-            "bench-key",
-            "--pre-schedule-delay",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-    )
-    for _ in range(200):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer bench-key"})
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("emulator did not start")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trigger_scale import API_KEY, free_port, start_emulator
 
 
 def rss_kb() -> int:
@@ -142,7 +111,7 @@ def main() -> None:
     port = free_port()
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp())
     os.environ["AIRFLOW_CONN_KLUSTER_DEFAULT"] = json.dumps(
-        {"conn_type": "kluster", "host": f"http://127.0.0.1:{port}/v1", "password": "bench-key"}
+        {"conn_type": "kluster", "host": f"http://127.0.0.1:{port}/v1", "password": API_KEY}
     )
     proc = start_emulator(port)
     try:
