@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -488,6 +489,10 @@ def test_a_timed_out_job_fails_for_good_and_a_retry_submits_nothing(kluster_conn
     assert isinstance(caught.value, AirflowFailException), "Airflow must not retry it"
     assert counters(fast) == (1, 1)  # the second shard waited for a slot and was never submitted
     assert statuses(fast) in (["cancelled"], ["cancelling"])
+    # The retry starts past the job's deadline, counted from its first batch's created_at (whole seconds): one
+    # started a moment before it would wait on the cancelling batch and time out in the wait instead.
+    created = min(float(fast.emulator.get_batch_raw(b)["created_at"]) for b in fast.emulator.list_batch_ids())
+    time.sleep(max(0.0, created + 1.0 + 0.2 - time.time()))
     again = stuck_job(
         tmp_path, fast, timeout=1.0, max_concurrent_batches=1
     )  # a retry anyway (or a manual run)
