@@ -321,14 +321,14 @@ def test_without_destination_each_task_instance_gets_its_own(kluster_conn, fast,
 
 
 def test_two_task_instances_of_a_run_may_not_share_a_destination(kluster_conn, fast, tmp_path):
-    shared = str(tmp_path / "shared")
-    run_to_end(build(lambda: ["Hello?"], model=MODEL, destination=shared), context(map_index=0))
+    one_folder = str(tmp_path / "destination")
+    run_to_end(build(lambda: ["Hello?"], model=MODEL, destination=one_folder), context(map_index=0))
     with pytest.raises(KlusterConfigError, match=r"already used by task ask \(map index 0\).*ti.map_index"):
-        build(lambda: ["Hello?"], model=MODEL, destination=shared).execute(context(map_index=1))
+        build(lambda: ["Hello?"], model=MODEL, destination=one_folder).execute(context(map_index=1))
     # A retry of the same task instance, or a later run, may reuse it.
-    run_to_end(build(lambda: ["Hello?"], model=MODEL, destination=shared), context(map_index=0))
+    run_to_end(build(lambda: ["Hello?"], model=MODEL, destination=one_folder), context(map_index=0))
     run_to_end(
-        build(lambda: ["Hello?"], model=MODEL, destination=shared),
+        build(lambda: ["Hello?"], model=MODEL, destination=one_folder),
         context(map_index=1, run_id="manual__2026-03-04T00:00:00+00:00"),
     )
 
