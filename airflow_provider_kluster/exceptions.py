@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from airflow.exceptions import AirflowException, AirflowFailException
+try:  # Airflow 3.3 deprecates the airflow.exceptions names (a warning on every import of ours)
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+except ImportError:  # pragma: no cover - Airflow releases without them in the Task SDK
+    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef,unused-ignore]
 
 #: HTTP statuses after which the same call may succeed later; besides these, every 5xx and no status at all
 #: (the connection failed) are transient.

@@ -88,3 +88,32 @@ def test_the_pure_modules_are_every_module_outside_the_wiring():
     """A new top-level module is pure unless it is added to the ruff allow-list on purpose."""
     top_level = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert top_level == set(PURE)
+
+
+def test_importing_any_module_warns_of_nothing_deprecated_in_ours():
+    """Airflow 3.3 deprecates names we could import (``airflow.exceptions.AirflowFailException``, …); a user
+    would see the warning on every parse of every DAG that uses us. Warnings raised by Airflow's own modules are
+    not ours to fix and are ignored."""
+    modules = sorted(
+        "airflow_provider_kluster." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__main__.py"
+    )
+    code = (
+        "import json, warnings\n"
+        "import airflow.sdk  # first: importing Airflow routes warnings to its logging, past the recorder\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        + "".join(
+            f"    try:\n        import {m.removesuffix('.__init__')}\n"
+            "    except ModuleNotFoundError as exc:  # an optional extra (common.ai) that is not installed\n"
+            "        if exc.name.startswith('airflow_provider_kluster'):\n            raise\n"
+            for m in modules
+        )
+        + f"ours = [f'{{w.filename}}:{{w.lineno}}: {{w.message}}' for w in seen if {str(PACKAGE)!r} in w.filename]\n"
+        "print(json.dumps(ours))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
