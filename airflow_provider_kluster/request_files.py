@@ -39,6 +39,7 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
 
 _ROLES = frozenset(MESSAGE_ROLES)
 _ROLE_LIST = ", ".join(MESSAGE_ROLES)
+_UNSUPPORTED = frozenset(UNSUPPORTED_BODY_PARAMS)
 _PLAN_LIMITS = "Trial 1,000; Core 100,000; Scale 500,000; Enterprise unlimited"
 _LISTED_MODELS = 5
 _SHOWN_VALUE_CHARS = 80
@@ -94,24 +95,27 @@ def validate_request_file(
     checker.check_duplicates = check_duplicates
     digest = hashlib.sha256()
     size = requests = 0
+    update, common = digest.update, checker.check_common  # the loop runs per line: no lookups in it
     with _open_request_file(source) as handle:
         for lineno, raw in enumerate(handle, start=1):
-            digest.update(raw)
+            update(raw)
             size += len(raw)
             if max_bytes is not None and size > max_bytes:
                 checker.add_problem(
                     f"{_size_problem(size, max_bytes, exact=False)} (passed at line {lineno})"
                 )
                 break
-            if not raw.strip():
+            if raw.isspace():
                 checker.add_line_problem(lineno, _BLANK_LINE)
             else:
                 requests += 1
                 if max_requests is not None and requests > max_requests:
                     checker.add_line_problem(lineno, _too_many_requests(max_requests))
                     break
-                checker.check_raw(lineno, raw)
-            if checker.truncated:
+                if common(raw):
+                    continue
+                checker.check_strict(lineno, raw)
+            if checker.truncated:  # only a problem can fill the list
                 break
     if requests == 0 and not checker.truncated:
         _raise_problems(source, ["the file has no requests (it is empty or holds only blank lines)"], False)
@@ -328,8 +332,14 @@ def _message_problem(message: Any) -> str | None:
 
 
 def _id_digest(custom_id: str) -> int:
-    data = custom_id.encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    """A 64-bit digest of one ``custom_id``: the interpreter's own string hash (SipHash, computed in C and cached
+    on the string), which is stable for the life of the process, the only place the digests live."""
+    return hash(custom_id)
+
+
+#: The C scanner with no object hook: the fast path's parse. Duplicate keys are found without a hook, by counting
+#: (see :meth:`_LineChecker.check_common`); ``NaN`` and ``Infinity`` still raise.
+_PLAIN_SCAN = json.JSONDecoder(parse_constant=_non_finite).scan_once  # type: ignore[attr-defined]
 
 
 class _LineChecker:
@@ -362,6 +372,11 @@ class _LineChecker:
 
     def check_raw(self, lineno: int, raw: bytes) -> None:
         """Decode and parse one line of the file, then check it."""
+        if not self.check_common(raw):
+            self.check_strict(lineno, raw)
+
+    def check_strict(self, lineno: int, raw: bytes) -> None:
+        """:meth:`check_raw` without the fast path: parse strictly, and word every problem."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -398,12 +413,100 @@ class _LineChecker:
             return
         self.check(lineno, line)
 
+    def check_common(self, raw: bytes) -> bool:
+        """Check a line of the common shape at C speed; ``True`` when it is that shape and has no problem.
+
+        The common shape: one JSON object with exactly ``custom_id``, ``method``, ``url`` and ``body``; a body
+        whose ``model`` is a string, whose ``messages`` are objects of exactly ``role`` and string ``content``,
+        and whose other values are scalars. Anything else, and any line with a problem, gives ``False`` and is
+        checked again, slowly and exactly, by :meth:`check_raw`'s strict path, which words every problem.
+
+        The line is parsed without the duplicate-key hook. A dropped duplicate key is found by counting
+        instead: the text's quote characters are two per string literal (keys and string values) plus the
+        escaped ones inside them. The parsed line's strings can only account for all of them when no key, and
+        so no literal, was dropped (a ``\\u0022`` escape, a quote with no quote character, is left to the
+        strict path).
+        """
+        try:
+            text = raw.decode("utf-8")
+            line, end = _PLAIN_SCAN(text, 0)
+        except (StopIteration, ValueError, RecursionError):
+            return False
+        if end != len(text) and (end != len(text) - 1 or text[end] != "\n"):
+            return False
+        escaped = "\\" in text
+        if escaped and "\\u0022" in text:
+            return False
+        if type(line) is not dict or len(line) != 4:
+            return False
+        custom_id = line.get("custom_id")
+        body = line.get("body")
+        if (
+            type(custom_id) is not str
+            or not custom_id
+            or type(body) is not dict
+            or line.get("method") != "POST"
+            or line.get("url") != BATCH_URL
+        ):
+            return False
+        model = body.get("model")
+        messages = body.get("messages")
+        if type(model) is not str or not model or type(messages) is not list or not messages:
+            return False
+        if self._known is not None and model not in self._known:
+            return False
+        if not _UNSUPPORTED.isdisjoint(body) or body.get("stream") is True:
+            return False
+        # String literals the parsed line accounts for: its keys and its string values. The line's four keys
+        # and three strings are known, and each message is two keys and two strings.
+        strings = 7 + len(body) + 4 * len(messages)
+        quotes = 0  # quote characters inside them (escaped in the text)
+        if escaped:
+            quotes = custom_id.count('"')
+        for message in messages:
+            if type(message) is not dict or len(message) != 2:
+                return False
+            role = message.get("role")
+            content = message.get("content")
+            if type(content) is not str or type(role) is not str or role not in _ROLES:
+                return False
+            if escaped and '"' in content:
+                quotes += content.count('"')
+        rules = _BODY_PARAM_RULES
+        for name, value in body.items():
+            kind = type(value)
+            if kind is str:
+                strings += 1
+                if escaped and '"' in value:
+                    quotes += value.count('"')
+            elif kind is list or kind is dict:
+                if value is not messages:
+                    return False
+                continue
+            elif value is None:
+                continue
+            rule = rules.get(name)
+            if rule is not None and not rule[0](value):
+                return False
+        if escaped:
+            quotes += sum(name.count('"') for name in body if '"' in name)
+        if 2 * strings + quotes != text.count('"'):
+            return False
+        if self.check_duplicates:
+            digest = hash(custom_id)
+            seen = self._seen
+            if digest in seen:
+                return False
+            seen.add(digest)
+        self.models.add(model)
+        return True
+
     def check(self, lineno: int, line: Any) -> None:
         """Check one parsed request line."""
         if not isinstance(line, dict):
             self.add_line_problem(lineno, f"expected a JSON object, got {_type_name(line)}")
             return
-        self._check_custom_id(lineno, line)
+        self.check_custom_id(lineno, line)
         self._check_method_and_url(lineno, line)
         body = line.get("body")
         if body is None:
@@ -413,7 +516,8 @@ class _LineChecker:
         else:
             self._check_body(lineno, body)
 
-    def _check_custom_id(self, lineno: int, line: dict[str, Any]) -> None:
+    def check_custom_id(self, lineno: int, line: dict[str, Any]) -> None:
+        """Check one line's ``custom_id``, duplicates included."""
         custom_id = line.get("custom_id")
         if custom_id is None:
             self.add_line_problem(lineno, "missing custom_id")
@@ -576,14 +680,38 @@ def build_request_lines(
     :param custom_id_prefix: Prefix of generated ids.
     :raises KlusterRequestFileError: An item is of no known form or ends up with no model.
     """
-    defaults = dict(body_defaults or {})
+    for line, _ in _built_lines(requests, model, body_defaults, custom_id_prefix):
+        yield line
+
+
+def _built_lines(
+    requests: Iterable[str | Mapping[str, Any]],
+    model: str | None,
+    body_defaults: Mapping[str, Any] | None,
+    custom_id_prefix: str,
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """:func:`build_request_lines`, each line with whether it was built from a prompt string.
+
+    Every line built from a prompt has the same shape and the same body apart from its content, so a writer
+    that checked one of them fully need only check the ids of the others.
+    """
+    # What a body gets filled with, as setdefault of the model and then of each default would fill it.
+    fill: dict[str, Any] = {} if model is None else {"model": model}
+    for key, value in (body_defaults or {}).items():
+        fill.setdefault(key, value)
+    prompt_fill = {key: value for key, value in fill.items() if key != "messages"}
     for index, item in enumerate(requests):
-        line = _line_of(index, item)
-        body = line["body"]
-        if model is not None:
-            body.setdefault("model", model)
-        for key, value in defaults.items():
-            body.setdefault(key, value)
+        if type(item) is str:
+            body: dict[str, Any] = {"messages": [{"role": "user", "content": item}]}
+            body.update(prompt_fill)
+            line: dict[str, Any] = {"custom_id": None, "method": "POST", "url": BATCH_URL, "body": body}
+            prompt = True
+        else:
+            line = _line_of(index, item)
+            body = line["body"]
+            for key, value in fill.items():
+                body.setdefault(key, value)
+            prompt = False
         if not body.get("model"):
             message = (
                 f"Request item {index} has no model: set body.model in it, or pass model= for every item."
@@ -591,7 +719,7 @@ def build_request_lines(
             raise KlusterRequestFileError(message, [message])
         if line.get("custom_id") is None:
             line["custom_id"] = f"{custom_id_prefix}-{index}"
-        yield line
+        yield line, prompt
 
 
 def _line_of(index: int, item: Any) -> dict[str, Any]:
@@ -650,13 +778,18 @@ def write_request_file(
     checker = _LineChecker(known_models=None, max_errors=max_errors)
     digest = hashlib.sha256()
     size = count = 0
-    lines = build_request_lines(
-        requests, model=model, body_defaults=body_defaults, custom_id_prefix=custom_id_prefix
-    )
+    lines = _built_lines(requests, model, body_defaults, custom_id_prefix)
+    prompts_checked = False  # one prompt line passed every check: the others differ only in content and id
     try:
         with tmp.open("wb") as out:
-            for count, line in enumerate(lines, start=1):
-                checker.check(count, line)
+            for count, (line, prompt) in enumerate(lines, start=1):
+                if prompt and prompts_checked:
+                    checker.check_custom_id(count, line)
+                else:
+                    problems = len(checker.problems)
+                    checker.check(count, line)
+                    if prompt:
+                        prompts_checked = len(checker.problems) == problems and not checker.truncated
                 data = _encode_line(checker, count, line)
                 if data is not None:
                     out.write(data)
