@@ -370,13 +370,8 @@ class _LineChecker:
         """Record a problem of one line."""
         self.add_problem(f"line {lineno}: {problem}")
 
-    def check_raw(self, lineno: int, raw: bytes) -> None:
-        """Decode and parse one line of the file, then check it."""
-        if not self.check_common(raw):
-            self.check_strict(lineno, raw)
-
     def check_strict(self, lineno: int, raw: bytes) -> None:
-        """:meth:`check_raw` without the fast path: parse strictly, and word every problem."""
+        """Decode and parse one line strictly, then check it and word every problem (no fast path)."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -419,7 +414,7 @@ class _LineChecker:
         The common shape: one JSON object with exactly ``custom_id``, ``method``, ``url`` and ``body``; a body
         whose ``model`` is a string, whose ``messages`` are objects of exactly ``role`` and string ``content``,
         and whose other values are scalars. Anything else, and any line with a problem, gives ``False`` and is
-        checked again, slowly and exactly, by :meth:`check_raw`'s strict path, which words every problem.
+        checked again, slowly and exactly, by :meth:`check_strict`, which words every problem.
 
         The line is parsed without the duplicate-key hook. A dropped duplicate key is found by counting
         instead: the text's quote characters are two per string literal (keys and string values) plus the
@@ -493,7 +488,7 @@ class _LineChecker:
         if 2 * strings + quotes != text.count('"'):
             return False
         if self.check_duplicates:
-            digest = hash(custom_id)
+            digest = _id_digest(custom_id)
             seen = self._seen
             if digest in seen:
                 return False
